@@ -1,0 +1,15 @@
+"""taskvec: task vectors from in-context learning (Hendel, Geva, Globerson 2023) on any causal LM.
+
+    model = load_model("gemma-3-270m")            # embedded, no hub needed
+    result = run_main_experiment(model, load_tasks())
+    result.accuracy                                 # Baseline / Hypothesis / Regular per task
+"""
+
+from .arch import ARCHITECTURES, Arch, UnsupportedArchitectureError, arch_for
+from .experiment import MainResult, PromptSet, Protocol, run_main_experiment, run_task, single_token_examples, usable_counts
+from .mechanism import hidden_states, next_tokens, patched_next_tokens, task_vectors
+from .models import EMBEDDED, TaskModel, UnknownModelError, load_model, wrap
+from .prompts import FewShotPrompt, PromptFormat, read_jsonl, sample_prompts, sample_queries, write_jsonl
+from .tasks import Example, Task, TaskFileError, UnknownTaskError, list_tasks, load_task, load_tasks
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""Command line: ``python -m taskvec {main,tasks,prompts}``.
+
+Every argument (model name, task names, sizes, prompt file) is checked before a
+model loads, so a typo fails in a second rather than after minutes of compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .experiment import PromptSet, Protocol
+from .models import resolve_source
+from .tasks import load_tasks
+
+
+def _protocol_args(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Protocol):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
+                                help=f"(default {f.default})")
+        else:
+            kind = int if isinstance(f.default, int) else str
+            parser.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default!r})")
+
+
+def _protocol(ns: argparse.Namespace) -> Protocol:
+    return Protocol(**{f.name: getattr(ns, f.name) for f in fields(Protocol)})
+
+
+def _tasks(ns: argparse.Namespace):
+    names = None if ns.tasks in (None, "all") else [n.strip() for n in ns.tasks.split(",") if n.strip()]
+    return load_tasks(names)
+
+
+def cmd_main(ns: argparse.Namespace) -> int:
+    from .experiment import run_main_experiment
+    from .models import load_model
+    from .prompts import read_jsonl
+
+    protocol = _protocol(ns)
+    tasks = _tasks(ns)
+    resolve_source(ns.model)
+    prompts = None
+    if ns.prompts:
+        loaded = read_jsonl(ns.prompts)
+        missing = [t.name for t in tasks if t.name not in loaded]
+        if missing:
+            raise SystemExit(f"{ns.prompts}: no prompts for task(s) {', '.join(missing)}")
+        prompts = {name: PromptSet(s.get("dev", []), s.get("test", []), s.get("baseline", []))
+                   for name, s in loaded.items()}
+    start = time.perf_counter()
+    model = load_model(ns.model)
+    result = run_main_experiment(model, tasks, protocol, prompts=prompts)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.accuracy.to_csv(out / "accuracy.csv", index=False)
+    result.dev_curve.to_csv(out / "dev_curve.csv", index=False)
+    result.predictions.to_csv(out / "predictions.csv", index=False)
+    meta = {**result.meta, "model": result.model, "n_layers": result.n_layers,
+            "seconds": round(time.perf_counter() - start, 1)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    table = result.accuracy[["task", "n_usable", "best_layer", "baseline_acc", "hypothesis_acc", "regular_acc"]]
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print("mean over tasks:", result.summary().round(3).to_dict())
+    print(f"wrote {out}/accuracy.csv, dev_curve.csv, predictions.csv, meta.json")
+    return 0
+
+
+def cmd_tasks(ns: argparse.Namespace) -> int:
+    from .experiment import usable_counts
+    from .models import load_model
+
+    tasks = _tasks(ns)
+    if ns.model:
+        resolve_source(ns.model)
+        table = usable_counts(tasks, load_model(ns.model).tokenizer)
+    else:
+        import pandas as pd
+
+        table = pd.DataFrame([{"task": t.name, "category": t.category, "compare": t.compare,
+                               "n_examples": len(t), "description": t.description} for t in tasks])
+    print(table.to_string(index=False))
+    return 0
+
+
+def cmd_prompts(ns: argparse.Namespace) -> int:
+    from .prompts import write_jsonl
+
+    protocol = _protocol(ns)
+    tasks = _tasks(ns)
+    if ns.model:
+        from .experiment import single_token_examples
+        from .models import load_model
+
+        resolve_source(ns.model)
+        tokenizer = load_model(ns.model).tokenizer
+        tasks = [single_token_examples(t, tokenizer, protocol.format) for t in tasks]
+    sets = {}
+    for task in tasks:
+        for split, prompts in PromptSet.sample(task, protocol).as_dict().items():
+            sets.setdefault(split, []).extend(prompts)
+    print(f"wrote {write_jsonl(ns.out, sets)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m taskvec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    main = sub.add_parser("main", help="run the main experiment and write its tables")
+    main.add_argument("--model", default="gemma-3-270m", help="embedded name, local folder or hub id")
+    main.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
+    main.add_argument("--prompts", help="JSONL prompt file to use instead of sampling (see 'prompts')")
+    main.add_argument("--out", default="results/main", help="output folder")
+    _protocol_args(main)
+    main.set_defaults(func=cmd_main)
+
+    tasks = sub.add_parser("tasks", help="list tasks (with --model: usable single-token examples)")
+    tasks.add_argument("--model")
+    tasks.add_argument("--tasks", default="all")
+    tasks.set_defaults(func=cmd_tasks)
+
+    prompts = sub.add_parser("prompts", help="export the sampled prompt sets as JSONL")
+    prompts.add_argument("--model", help="restrict to this tokenizer's single-token examples first")
+    prompts.add_argument("--tasks", default="all")
+    prompts.add_argument("--out", required=True)
+    _protocol_args(prompts)
+    prompts.set_defaults(func=cmd_prompts)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (ValueError, KeyError) as error:  # our errors: unknown model/task, bad files and sizes
+        print(f"error: {error}", file=sys.stderr)
+        return 2

