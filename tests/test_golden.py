@@ -1,0 +1,88 @@
+"""Golden tests: the nnsight mechanism against plain PyTorch forward hooks, every supported family.
+
+Tolerance: float32 tiny models, ``atol=1e-5, rtol=1e-4`` (batched left-padded vs one prompt
+at a time differs only by summation order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taskvec import mechanism
+from taskvec.arch import residual
+
+TEXTS = ["example:a->b\nexample:c->", "example:hot->cold\nexample:up->down\nexample:big->", "example:x->"]
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def plain_last_hidden(model, text: str) -> torch.Tensor:
+    """(n_layers, d_model): each layer's output at the last token, via forward hooks, one unpadded prompt."""
+    captured = {}
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, residual(out)[0, -1].clone()))
+        for i, layer in enumerate(model.arch.layer_modules(model.hf))
+    ]
+    try:
+        with torch.no_grad():
+            model.hf(**model.tokenizer(text, return_tensors="pt"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack([captured[i] for i in range(len(captured))])
+
+
+def plain_patched_logits(model, text: str, layer: int, vector: torch.Tensor) -> torch.Tensor:
+    """Last-position logits with the last token's output of ``layer`` replaced by ``vector`` (a plain hook)."""
+
+    def replace(mod, args, out):
+        hidden = residual(out).clone()
+        hidden[:, -1] = vector
+        return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
+
+    hook = model.arch.layer_modules(model.hf)[layer].register_forward_hook(replace)
+    try:
+        with torch.no_grad():
+            return model.hf(**model.tokenizer(text, return_tensors="pt")).logits[0, -1]
+    finally:
+        hook.remove()
+
+
+def test_extraction_matches_plain_forward(tiny):
+    got = mechanism.hidden_states(tiny, TEXTS, batch_size=8)
+    assert got.shape == (len(TEXTS), tiny.n_layers, tiny.d_model)
+    for i, text in enumerate(TEXTS):
+        torch.testing.assert_close(got[i], plain_last_hidden(tiny, text), atol=ATOL, rtol=RTOL)
+
+
+def test_regular_logits_match_plain_forward(tiny):
+    got = mechanism.next_tokens(tiny, TEXTS, return_logits=True)
+    for i, text in enumerate(TEXTS):
+        with torch.no_grad():
+            want = tiny.hf(**tiny.tokenizer(text, return_tensors="pt")).logits[0, -1]
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=RTOL)
+
+
+def test_patch_matches_plain_hook(tiny):
+    torch.manual_seed(1)
+    vectors = torch.randn(len(TEXTS), tiny.n_layers, tiny.d_model) * 5
+    layers = list(range(tiny.n_layers))
+    got = mechanism.patched_next_tokens(tiny, TEXTS, vectors, layers, batch_size=5, return_logits=True)
+    changed = 0
+    for li, layer in enumerate(layers):
+        for i, text in enumerate(TEXTS):
+            want = plain_patched_logits(tiny, text, layer, vectors[i, layer])
+            torch.testing.assert_close(got[li, i], want, atol=ATOL, rtol=RTOL)
+            with torch.no_grad():
+                clean = tiny.hf(**tiny.tokenizer(text, return_tensors="pt")).logits[0, -1]
+            changed += not torch.allclose(want, clean, atol=1e-3)
+    # The patch must actually do something (guards against a silent no-op on both sides).
+    assert changed == len(layers) * len(TEXTS)
+
+
+def test_task_vectors_average_dummy_queries(tiny):
+    groups = [TEXTS[:2], TEXTS[1:]]
+    theta = mechanism.task_vectors(tiny, groups)
+    states = mechanism.hidden_states(tiny, TEXTS)
+    torch.testing.assert_close(theta[0], states[:2].mean(0))
+    torch.testing.assert_close(theta[1], states[1:].mean(0))
