@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from .errors import TaskvecError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(TaskvecError, ValueError):
     """The model's family has no entry in :data:`ARCHITECTURES`."""
 
 
@@ -59,8 +61,9 @@ _GPT2 = dict(layers="transformer.h", final_norm="transformer.ln_f", unembed="lm_
 
 #: config.model_type -> Arch. Llama-style decoders share one layout.
 ARCHITECTURES: dict[str, Arch] = {
+    # Text-only Gemma 3 (270M, 1B). The 4B+ checkpoints are multimodal (model_type "gemma3",
+    # layers under model.language_model) and are not listed, so they fail before loading.
     "gemma3_text": Arch("gemma3", **_DECODER),
-    "gemma3": Arch("gemma3", **_DECODER),
     "gemma2": Arch("gemma2", **_DECODER),
     "gemma": Arch("gemma", **_DECODER),
     "llama": Arch("llama", **_DECODER),

@@ -13,6 +13,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from .errors import TaskvecError
 from .experiment import PromptSet, Protocol
 from .models import resolve_source
 from .tasks import load_tasks
@@ -49,9 +50,11 @@ def cmd_main(ns: argparse.Namespace) -> int:
     prompts = None
     if ns.prompts:
         loaded = read_jsonl(ns.prompts)
-        missing = [t.name for t in tasks if t.name not in loaded]
-        if missing:
-            raise SystemExit(f"{ns.prompts}: no prompts for task(s) {', '.join(missing)}")
+        for task in tasks:
+            splits = loaded.get(task.name, {})
+            empty = [s for s in ("dev", "test", "baseline") if not splits.get(s)]
+            if empty:
+                raise TaskvecError(f"{ns.prompts}: task {task.name!r} has no {'/'.join(empty)} prompts")
         prompts = {name: PromptSet(s.get("dev", []), s.get("test", []), s.get("baseline", []))
                    for name, s in loaded.items()}
     start = time.perf_counter()
@@ -139,6 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, KeyError) as error:  # our errors: unknown model/task, bad files and sizes
+    except TaskvecError as error:  # bad input (unknown model/task, bad files and sizes); bugs keep their traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -9,7 +9,9 @@ Baseline (the query alone). Results are tidy pandas tables.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -18,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import mechanism
+from .errors import SettingError
 from .models import TaskModel
 from .prompts import FewShotPrompt, PromptFormat, sample_prompts, sample_queries
 from .tasks import Example, Task
@@ -42,7 +45,7 @@ class Protocol:
     def __post_init__(self) -> None:
         for name in ("n_shots", "n_dev", "n_test", "n_baseline", "n_dummies", "batch_size", "patch_batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise SettingError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
         PromptFormat(self.template, self.separator)  # validates the template
 
     @property
@@ -191,7 +194,7 @@ class MainResult:
     meta: dict = field(default_factory=dict)
 
     def summary(self) -> pd.Series:
-        """Mean accuracy over tasks per condition (the paper's Table 6 averages)."""
+        """Mean accuracy over tasks per condition (the paper's Table 6 averages); skipped tasks are left out."""
         return self.accuracy[["baseline_acc", "hypothesis_acc", "regular_acc"]].mean()
 
 
@@ -200,15 +203,29 @@ def run_main_experiment(model: TaskModel, tasks: Sequence[Task], protocol: Proto
     """Run the main experiment on ``tasks``; ``prompts`` (task name -> PromptSet) overrides sampling.
 
     With ``protocol.single_token`` (the default) exact-match tasks are first
-    restricted to examples whose answer is one token for this model's tokenizer.
+    restricted to examples whose answer is one token for this model's tokenizer; a
+    task left with too few examples for one prompt is skipped with a warning (NaN row,
+    ``best_layer`` -1).
     """
     protocol = protocol or Protocol()
     fmt = protocol.format
+    need = protocol.n_shots + 1 + protocol.n_dummies
+    # Filter every task before any forward pass, so a task this tokenizer leaves too small is
+    # reported up front and skipped (a row of NaN) instead of aborting the run halfway.
+    usable_tasks = [single_token_examples(t, model.tokenizer, fmt) if protocol.single_token else t for t in tasks]
     acc_rows, curve_rows, preds, vectors = [], [], [], {}
-    bar = tqdm(tasks, desc="tasks", unit="task", disable=not progress)
-    for task in bar:
-        usable = single_token_examples(task, model.tokenizer, fmt) if protocol.single_token else task
+    for task, usable in zip(tasks, usable_tasks):
+        if len(usable) < need and task.name not in (prompts or {}):
+            warnings.warn(f"skipping task {task.name!r}: {len(usable)} usable examples for this tokenizer, "
+                          f"a prompt needs {need}", stacklevel=2)
+    bar = tqdm(list(zip(tasks, usable_tasks)), desc="tasks", unit="task", disable=not progress)
+    for task, usable in bar:
         task_prompts = (prompts or {}).get(task.name)
+        if task_prompts is None and len(usable) < need:
+            acc_rows.append({"task": task.name, "category": task.category, "n_examples": len(task),
+                             "n_usable": len(usable), "best_layer": -1, "baseline_acc": math.nan,
+                             "hypothesis_acc": math.nan, "regular_acc": math.nan, "seconds": 0.0})
+            continue
         result = run_task(model, usable, protocol, task_prompts,
                           on_phase=lambda name, t=task.name: bar.set_postfix_str(f"{t}: {name}"))
         acc_rows.append({

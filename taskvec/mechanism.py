@@ -33,6 +33,8 @@ class Usage:
     def track(self, phase: str, enc: dict):
         start = time.perf_counter()
         yield
+        if torch.cuda.is_available():  # kernels run asynchronously: wait before reading the clock
+            torch.cuda.synchronize()
         entry = self.by_phase.setdefault(phase, {"traces": 0, "rows": 0, "tokens": 0, "seconds": 0.0})
         entry["traces"] += 1
         entry["rows"] += int(enc["input_ids"].shape[0])
@@ -198,6 +200,7 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
             value = nnsight.save(logits.float() if return_logits else logits.argmax(-1))
         if result is None:
             result = torch.empty((len(layers), n, *value.shape[1:]), dtype=value.dtype)
+        value = value.cpu()
         for row, (li, i) in enumerate(chunk):
-            result[li, i] = value[row].cpu()
+            result[li, i] = value[row]
     return result

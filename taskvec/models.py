@@ -22,9 +22,10 @@ from typing import Any, Callable
 import torch
 
 from .arch import Arch, arch_for
+from .errors import TaskvecError
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(TaskvecError, ValueError):
     """A model name that is neither embedded, a local folder, nor a hub id."""
 
 
@@ -197,7 +198,9 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str, weights_sha256: s
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    nn = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+    # device= keeps the model where it is: left unset, the pipeline nnsight builds moves it to cuda:0.
+    device = next(hf_model.parameters()).device
+    nn = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation", device=device)
     return TaskModel(name=name, nn=nn, tokenizer=tokenizer, arch=arch, weights_sha256=weights_sha256, remote=remote)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .errors import SettingError
 from .tasks import Example, Task
 
 
@@ -27,7 +28,7 @@ class PromptFormat:
 
     def __post_init__(self) -> None:
         if not self.template.endswith("{y}") or self.template.count("{x}") != 1 or self.template.count("{y}") != 1:
-            raise ValueError(f"prompt template must contain {{x}} once and end with {{y}}, got {self.template!r}")
+            raise SettingError(f"prompt template must contain {{x}} once and end with {{y}}, got {self.template!r}")
 
     def line(self, x: str, y: str) -> str:
         return self.template.replace("{x}", x).replace("{y}", y)
@@ -99,7 +100,7 @@ def sample_prompts(task: Task, n: int, n_shots: int = 5, seed: int = 41, split: 
     """
     need = n_shots + 1 + n_dummies
     if len(task.examples) < need:
-        raise ValueError(f"task {task.name!r} has {len(task.examples)} examples; a prompt needs {need}")
+        raise SettingError(f"task {task.name!r} has {len(task.examples)} examples; a prompt needs {need}")
     rng = _rng(seed, task.name, split)
     prompts = []
     for _ in range(n):
@@ -144,6 +145,6 @@ def read_jsonl(path: Path | str) -> dict[str, dict[str, list[FewShotPrompt]]]:
                 prompt = FewShotPrompt.from_json(row)
                 split = row["split"]
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise ValueError(f"{path}:{number}: not a prompt record ({error!r})") from None
+                raise SettingError(f"{path}:{number}: not a prompt record ({error!r})") from None
             out.setdefault(prompt.task, {}).setdefault(split, []).append(prompt)
     return out

@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .errors import TaskvecError
+
 CATEGORIES = ("algorithmic", "translation", "linguistic", "knowledge")
 COMPARE_RULES = ("exact", "prefix")
 REQUIRED_KEYS = ("name", "category", "description", "compare")
@@ -25,11 +27,11 @@ REQUIRED_KEYS = ("name", "category", "description", "compare")
 MIN_EXAMPLES = 10
 
 
-class TaskFileError(ValueError):
+class TaskFileError(TaskvecError, ValueError):
     """A task file that cannot be used; the message names the file and the problem."""
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(TaskvecError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
 

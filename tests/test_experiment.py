@@ -35,3 +35,48 @@ def test_explicit_prompt_sets_reproduce_sampled_run(tiny_gpt2, tmp_path):
                                    progress=False)
     pd.testing.assert_frame_equal(sampled.predictions, explicit.predictions)
     pd.testing.assert_frame_equal(sampled.accuracy.drop(columns="seconds"), explicit.accuracy.drop(columns="seconds"))
+
+
+def test_conditions_are_wired_to_the_right_inputs(tiny_gpt2):
+    """Regular = demonstrations + query; Hypothesis = the test prompt's own θ at the best dev layer
+    patched into the query alone; Baseline = the query alone."""
+    from taskvec import mechanism
+
+    task = load_tasks(["next_letter"])[0]
+    result = run_main_experiment(tiny_gpt2, [task], TINY, progress=False)
+    sets = PromptSet.sample(task, TINY)
+    fmt = TINY.format
+    layer = int(result.accuracy["best_layer"][0])
+    theta = mechanism.task_vectors(tiny_gpt2, [p.dummy_texts(fmt) for p in sets.test])
+    want = {
+        "regular": mechanism.next_tokens(tiny_gpt2, [p.regular_text(fmt) for p in sets.test]),
+        "hypothesis": mechanism.patched_next_tokens(tiny_gpt2, [p.query_text(fmt) for p in sets.test], theta, [layer])[0],
+        "baseline": mechanism.next_tokens(tiny_gpt2, [p.query_text(fmt) for p in sets.baseline]),
+    }
+    for condition, ids in want.items():
+        got = result.predictions.query("condition == @condition")["token_id"].tolist()
+        assert got == ids.tolist(), condition
+
+
+def test_task_too_small_for_the_tokenizer_is_skipped_not_fatal(tiny_gpt2):
+    import pytest
+
+    tasks = load_tasks(["en_fr", "next_letter"])  # the character tokenizer makes every French word multi-token
+    with pytest.warns(UserWarning, match=r"skipping task 'en_fr': \d usable examples"):
+        result = run_main_experiment(tiny_gpt2, tasks, Protocol(n_dev=4, n_test=4, n_baseline=4), progress=False)
+    acc = result.accuracy.set_index("task")
+    assert acc.loc["en_fr", "best_layer"] == -1 and pd.isna(acc.loc["en_fr", "hypothesis_acc"])
+    assert acc.loc["next_letter", "best_layer"] >= 0
+    assert result.summary().notna().all()
+
+
+def test_single_token_filter_keeps_only_one_token_answers():
+    from conftest import char_tokenizer
+    from taskvec.experiment import single_token_examples
+    from taskvec.prompts import PromptFormat
+    from taskvec.tasks import Example, Task
+
+    task = Task("t", "linguistic", "d", "exact", (
+        Example("a", ("b",)), Example("c", ("de",)), Example("f", ("g", "hi")), Example("j", ("kl", "m"))))
+    kept = single_token_examples(task, char_tokenizer(), PromptFormat())
+    assert kept.examples == (Example("a", ("b",)), Example("f", ("g",)))

@@ -65,3 +65,12 @@ def test_batch_size_does_not_change_sweep(tiny_gpt2):
     a = mechanism.patched_next_tokens(tiny_gpt2, TEXTS, vectors, layers, batch_size=3, return_logits=True)
     b = mechanism.patched_next_tokens(tiny_gpt2, TEXTS, vectors, layers, batch_size=100, return_logits=True)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_many_small_batches_equal_one_batch(tiny):
+    """Length-sorted batching scatters results back to the caller's order."""
+    texts = TEXTS * 3
+    one = mechanism.hidden_states(tiny, texts, batch_size=len(texts))
+    many = mechanism.hidden_states(tiny, texts, batch_size=2)
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-4)
+    assert torch.equal(mechanism.next_tokens(tiny, texts, batch_size=1), mechanism.next_tokens(tiny, texts))
