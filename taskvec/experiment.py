@@ -15,13 +15,18 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm  # not tqdm.auto: no widget warning inside notebooks
 
 from . import mechanism
 from .errors import SettingError
-from .models import TaskModel
+from .models import TaskModel, load_model
+from .store import Store, make_key, model_fingerprint
 from .prompts import FewShotPrompt, PromptFormat, sample_prompts, sample_queries
 from .tasks import Example, Task
 
@@ -121,6 +126,21 @@ class TaskResult:
     test_vectors: torch.Tensor  # (n_test, n_layers, d_model), CPU float32
     seconds: float
 
+    _FIELDS = ("task", "best_layer", "dev_accuracy", "regular_acc", "hypothesis_acc", "baseline_acc", "seconds")
+
+    def save(self, folder: Path) -> None:
+        (folder / "result.json").write_text(json.dumps({k: getattr(self, k) for k in self._FIELDS}, indent=1))
+        self.predictions.to_csv(folder / "predictions.csv", index=False)
+        save_file({"test_vectors": self.test_vectors.contiguous()}, folder / "test_vectors.safetensors")
+
+    @classmethod
+    def load(cls, folder: Path) -> "TaskResult":
+        fields_ = json.loads((folder / "result.json").read_text())
+        predictions = pd.read_csv(folder / "predictions.csv", keep_default_na=False,
+                                  dtype={"query": str, "expected": str, "predicted": str})
+        vectors = load_file(folder / "test_vectors.safetensors")["test_vectors"]
+        return cls(**fields_, predictions=predictions, test_vectors=vectors)
+
 
 def _decode(model: TaskModel, ids: torch.Tensor) -> list[str]:
     return [model.tokenizer.decode([int(i)]) for i in ids]
@@ -198,9 +218,23 @@ class MainResult:
         return self.accuracy[["baseline_acc", "hypothesis_acc", "regular_acc"]].mean()
 
 
-def run_main_experiment(model: TaskModel, tasks: Sequence[Task], protocol: Protocol | None = None,
-                        prompts: dict[str, PromptSet] | None = None, progress: bool = True) -> MainResult:
+def task_key(model_name: str, weights: str, task: Task, protocol: Protocol, prompts: PromptSet | None = None) -> str:
+    """Cache key of one task's main-experiment result: model weights, task data, protocol, prompts, code."""
+    return make_key(kind="main", model=model_name, weights=weights,
+                    task={"name": task.name, "compare": task.compare,
+                          "examples": [[e.input, list(e.outputs)] for e in task.examples]},
+                    protocol=protocol,
+                    prompts=None if prompts is None else {k: [p.to_json() for p in v] for k, v in prompts.as_dict().items()})
+
+
+def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol | None = None,
+                        prompts: dict[str, PromptSet] | None = None, progress: bool = True,
+                        store: Store | None = None) -> MainResult:
     """Run the main experiment on ``tasks``; ``prompts`` (task name -> PromptSet) overrides sampling.
+
+    With a ``store``, each task's result is read from the cache when its key (see
+    :func:`task_key`) is there and written to it when computed; ``model`` may then be
+    a name, loaded only if some task is missing, so a warm rerun loads no weights.
 
     With ``protocol.single_token`` (the default) exact-match tasks are first
     restricted to examples whose answer is one token for this model's tokenizer; a
@@ -210,38 +244,76 @@ def run_main_experiment(model: TaskModel, tasks: Sequence[Task], protocol: Proto
     protocol = protocol or Protocol()
     fmt = protocol.format
     need = protocol.n_shots + 1 + protocol.n_dummies
-    # Filter every task before any forward pass, so a task this tokenizer leaves too small is
-    # reported up front and skipped (a row of NaN) instead of aborting the run halfway.
-    usable_tasks = [single_token_examples(t, model.tokenizer, fmt) if protocol.single_token else t for t in tasks]
-    acc_rows, curve_rows, preds, vectors = [], [], [], {}
-    for task, usable in zip(tasks, usable_tasks):
-        if len(usable) < need and task.name not in (prompts or {}):
+    prompts = prompts or {}
+    name = model if isinstance(model, str) else model.name
+    weights = None
+    if store:
+        weights = model_fingerprint(model) if isinstance(model, str) else model.weights_sha256
+        if not weights:
+            raise ValueError(f"model {name!r} has no weights hash; caching needs one (TaskModel.weights_sha256)")
+    keys = {t.name: task_key(name, weights, t, protocol, prompts.get(t.name)) for t in tasks} if store else {}
+    cached = {t.name for t in tasks if store and store.has("main", name, keys[t.name])}
+    loaded: list[TaskModel] = [] if isinstance(model, str) else [model]
+
+    def get_model() -> TaskModel:
+        if not loaded:
+            loaded.append(load_model(model))
+        return loaded[0]
+
+    # Filter every task to be computed before any forward pass, so a task this tokenizer leaves
+    # too small is reported up front and skipped (a row of NaN) instead of aborting the run halfway.
+    usable_tasks = {}
+    for task in tasks:
+        if task.name in cached:
+            continue
+        usable = single_token_examples(task, get_model().tokenizer, fmt) if protocol.single_token else task
+        usable_tasks[task.name] = usable
+        if len(usable) < need and task.name not in prompts:
             warnings.warn(f"skipping task {task.name!r}: {len(usable)} usable examples for this tokenizer, "
                           f"a prompt needs {need}", stacklevel=2)
-    bar = tqdm(list(zip(tasks, usable_tasks)), desc="tasks", unit="task", disable=not progress)
-    for task, usable in bar:
-        task_prompts = (prompts or {}).get(task.name)
-        if task_prompts is None and len(usable) < need:
-            acc_rows.append({"task": task.name, "category": task.category, "n_examples": len(task),
-                             "n_usable": len(usable), "best_layer": -1, "baseline_acc": math.nan,
-                             "hypothesis_acc": math.nan, "regular_acc": math.nan, "seconds": 0.0})
-            continue
-        result = run_task(model, usable, protocol, task_prompts,
-                          on_phase=lambda name, t=task.name: bar.set_postfix_str(f"{t}: {name}"))
+    acc_rows, curve_rows, preds, vectors = [], [], [], {}
+    n_layers = None
+    bar = tqdm(tasks, desc=f"main experiment ({name})", unit="task", disable=not progress)
+    for task in bar:
+        task_prompts = prompts.get(task.name)
+        if task.name in cached:
+            folder = store.path("main", name, keys[task.name])
+            result = TaskResult.load(folder)
+            n_usable = json.loads((folder / "meta.json").read_text())["n_usable"]
+        else:
+            usable = usable_tasks[task.name]
+            n_usable = len(usable)
+            if task_prompts is None and n_usable < need:
+                acc_rows.append({"task": task.name, "category": task.category, "n_examples": len(task),
+                                 "n_usable": n_usable, "best_layer": -1, "baseline_acc": math.nan,
+                                 "hypothesis_acc": math.nan, "regular_acc": math.nan, "seconds": 0.0})
+                continue
+            result = run_task(get_model(), usable, protocol, task_prompts,
+                              on_phase=lambda phase, t=task.name: bar.set_postfix_str(f"{t}: {phase}"))
+            if store:
+                def write(folder, result=result, n_usable=n_usable):
+                    result.save(folder)
+                    (folder / "meta.json").write_text(json.dumps({"n_usable": n_usable, "model": name}))
+                store.save("main", name, keys[task.name], write)
+        n_layers = len(result.dev_accuracy)
         acc_rows.append({
-            "task": task.name, "category": task.category, "n_examples": len(task), "n_usable": len(usable),
+            "task": task.name, "category": task.category, "n_examples": len(task), "n_usable": n_usable,
             "best_layer": result.best_layer, "baseline_acc": result.baseline_acc,
             "hypothesis_acc": result.hypothesis_acc, "regular_acc": result.regular_acc,
             "seconds": round(result.seconds, 2),
         })
         for layer, value in enumerate(result.dev_accuracy):
             curve_rows.append({"task": task.name, "layer": layer,
-                               "relative_depth": layer / max(model.n_layers - 1, 1), "dev_acc": value})
+                               "relative_depth": layer / max(n_layers - 1, 1), "dev_acc": value})
         preds.append(result.predictions)
         vectors[task.name] = result.test_vectors
+    meta = {"weights_sha256": weights or getattr(model, "weights_sha256", None),
+            "cached_tasks": sorted(cached), "protocol": asdict(protocol)}
+    if loaded:
+        meta.update(loaded[0].info)
+        n_layers = loaded[0].n_layers
     return MainResult(
         accuracy=pd.DataFrame(acc_rows), dev_curve=pd.DataFrame(curve_rows),
         predictions=pd.concat(preds, ignore_index=True) if preds else pd.DataFrame(),
-        task_vectors=vectors, model=model.name, n_layers=model.n_layers, protocol=protocol,
-        meta={"weights_sha256": model.weights_sha256, **model.info, "protocol": asdict(protocol)},
+        task_vectors=vectors, model=name, n_layers=n_layers or 0, protocol=protocol, meta=meta,
     )

@@ -61,7 +61,7 @@ def tiny_model(family: str):
         for p in hf.parameters():
             if p.dim() >= 2:
                 p.mul_(3.0)
-    return wrap(hf, char_tokenizer(), name=f"tiny-{family}")
+    return wrap(hf, char_tokenizer(), name=f"tiny-{family}", weights_sha256=f"random-init-seed0-x3-{family}")
 
 
 @pytest.fixture(scope="session", params=sorted(CONFIGS))

@@ -1,0 +1,104 @@
+"""A results cache keyed on everything that determines a result.
+
+A key is the sha256 of: the model's identity (name and weights hash), the task's data,
+the protocol (sizes, seed, format), explicit prompts if any, and the source of the
+method's code. Same settings -> same key -> reuse; any change -> new key -> recompute.
+Entries are written to a temporary folder and renamed into place, so an interrupted
+run leaves either a whole entry or none, and a rerun resumes with what was finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, is_dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .models import EMBEDDED, cache_dir, resolve_source, sha256_file
+
+# The modules whose code decides a result; editing any of them invalidates the cache.
+METHOD_MODULES = ("mechanism.py", "experiment.py", "prompts.py", "tasks.py", "analysis.py")
+
+
+@lru_cache(maxsize=None)
+def code_version() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in METHOD_MODULES:
+        path = here / name
+        if path.exists():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def model_fingerprint(name: str) -> str:
+    """Identity of a model's weights without loading them.
+
+    Embedded: the GGUF file's sha256. Local folder: sha256 over config.json and the
+    weight files' names, sizes and modification times. Hub id: the id itself (the
+    revision the hub serves is the user's to pin).
+    """
+    source = resolve_source(name)
+    if source == "embedded":
+        return sha256_file(EMBEDDED[name].locate_gguf())
+    if source == "local":
+        folder = Path(name).expanduser()
+        digest = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").exists() else b"")
+        for path in sorted(folder.iterdir()):
+            if path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+                stat = path.stat()
+                digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()
+    return f"hub:{name}"
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    return value
+
+
+def make_key(**parts: Any) -> str:
+    """sha256 of the canonical JSON of ``parts`` plus the method's code version."""
+    blob = json.dumps({"code": code_version(), **_plain(parts)}, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class Store:
+    """Folder-per-entry cache: ``<root>/<kind>/<name>/<key[:20]>/``."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = Path(root) if root else cache_dir() / "results"
+
+    def path(self, kind: str, name: str, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        return self.root / kind / safe / key[:20]
+
+    def has(self, kind: str, name: str, key: str) -> bool:
+        return (self.path(kind, name, key) / "DONE").exists()
+
+    def save(self, kind: str, name: str, key: str, writer) -> Path:
+        """Call ``writer(tmp_folder)`` and atomically publish the folder under the key."""
+        final = self.path(kind, name, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        try:
+            writer(tmp)
+            (tmp / "DONE").write_text(key)
+            if final.exists():  # a stale or concurrent entry: replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final
