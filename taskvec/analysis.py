@@ -1,0 +1,154 @@
+"""The paper's analyses beyond accuracy: geometry of θ, dominance of θ, and what θ says in words.
+
+- Geometry (Fig. 5, Fig. 9): task vectors from different demonstrations and dummy
+  queries cluster by task; within-task cosine distances are far below between-task ones.
+- Dominance (Table 2): with demonstrations of task A in the prompt and θ of task B
+  patched in, the model follows B.
+- Interpretation (Table 3): the mean θ of a task, read through the final norm and the
+  unembedding, puts task words among its top tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.manifold import TSNE
+from sklearn.metrics import silhouette_score
+
+from . import mechanism
+from .errors import SettingError
+from .experiment import Protocol, single_token_examples
+from .models import TaskModel
+from .prompts import sample_prompts
+from .tasks import Example, Task
+
+
+def common_layer(best_layers: pd.Series) -> int:
+    """One layer for analyses across tasks: the median of the tasks' best dev layers (skipped tasks ignored)."""
+    valid = best_layers[best_layers >= 0]
+    if valid.empty:
+        raise SettingError("no task has a best layer (all skipped?)")
+    return int(np.median(valid))
+
+
+def _stack(vectors: dict[str, torch.Tensor], layer: int) -> tuple[np.ndarray, np.ndarray]:
+    names, rows = [], []
+    for task, tensor in vectors.items():
+        rows.append(tensor[:, layer, :].float().numpy())
+        names += [task] * tensor.shape[0]
+    return np.concatenate(rows), np.array(names)
+
+
+def tsne_embedding(vectors: dict[str, torch.Tensor], layer: int, seed: int = 41, perplexity: float = 30.0) -> pd.DataFrame:
+    """2-D t-SNE of every task vector at ``layer`` (cosine metric): columns task, x, y.
+
+    ``vectors``: task -> (n, n_layers, d_model), e.g. ``MainResult.task_vectors``.
+    """
+    X, names = _stack(vectors, layer)
+    perplexity = min(perplexity, max(2.0, (len(X) - 1) / 3))  # t-SNE needs perplexity < n_samples
+    xy = TSNE(n_components=2, metric="cosine", init="pca", perplexity=perplexity, random_state=seed).fit_transform(X)
+    return pd.DataFrame({"task": names, "x": xy[:, 0], "y": xy[:, 1]})
+
+
+def cosine_distances(vectors: dict[str, torch.Tensor], layer: int) -> pd.DataFrame:
+    """Cosine distance of every pair of task vectors at ``layer``: columns task_a, task_b, pair, distance.
+
+    ``pair`` is "within" (same task) or "between" (different tasks).
+    """
+    X, names = _stack(vectors, layer)
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    dist = 1.0 - unit @ unit.T
+    i, j = np.triu_indices(len(X), k=1)
+    return pd.DataFrame({"task_a": names[i], "task_b": names[j],
+                         "pair": np.where(names[i] == names[j], "within", "between"), "distance": dist[i, j]})
+
+
+def cluster_quality(vectors: dict[str, torch.Tensor], layer: int) -> float:
+    """Silhouette score of the task labels under cosine distance, in [-1, 1] (1: tight, separate clusters)."""
+    X, names = _stack(vectors, layer)
+    if len(set(names)) < 2:
+        raise SettingError("cluster quality needs task vectors of at least two tasks")
+    return float(silhouette_score(X, names, metric="cosine"))
+
+
+# --- dominance: conflicting tasks ---------------------------------------------------
+
+#: The paper's Table 2 pairs: demonstrations of task A, task vector of task B.
+CONFLICT_PAIRS = (
+    ("next_letter", "to_upper"),
+    ("list_last", "list_first"),
+    ("prev_letter", "next_letter"),
+    ("present_past", "present_gerund"),
+    ("en_es", "en_fr"),
+)
+
+
+def _shared_inputs(a: Task, b: Task) -> tuple[Task, dict[str, Example]]:
+    """Task A restricted to inputs that task B also has, and B's examples by input."""
+    by_input = {e.input: e for e in b.examples}
+    return a.restrict(e for e in a.examples if e.input in by_input), by_input
+
+
+def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, layer: int, protocol: Protocol,
+                      n_prompts: int = 50, n_shots: int = 4) -> pd.DataFrame:
+    """Table 2 for one pair: accuracy w.r.t. A and B, without (Regular) and with θ_B patched (Conflicting).
+
+    Prompts hold ``n_shots`` demonstrations of A and a query that both tasks define; θ_B
+    comes from separate prompts of B (its own demonstrations and dummy queries) and is
+    patched at ``layer`` into the last token of A's full prompt. Returns one row per
+    condition: pair, condition, acc_a, acc_b, n.
+    """
+    fmt = protocol.format
+    if protocol.single_token:
+        task_a = single_token_examples(task_a, model.tokenizer, fmt)
+        task_b = single_token_examples(task_b, model.tokenizer, fmt)
+    shared_a, b_by_input = _shared_inputs(task_a, task_b)
+    prompts_a = sample_prompts(shared_a, n_prompts, n_shots, protocol.seed, f"conflict-A-{task_b.name}", 0)
+    prompts_b = sample_prompts(task_b, n_prompts, n_shots, protocol.seed, f"conflict-B-{task_a.name}",
+                               protocol.n_dummies)
+    texts = [p.regular_text(fmt) for p in prompts_a]
+    theta_b = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts_b], protocol.batch_size, "conflict θ")
+    regular = mechanism.next_tokens(model, texts, protocol.batch_size, "conflict regular")
+    patched = mechanism.patched_next_tokens(model, texts, theta_b, [layer], protocol.patch_batch_size, "conflict patch")[0]
+    rows = []
+    for condition, ids in (("regular", regular), ("conflicting", patched)):
+        decoded = [model.tokenizer.decode([int(i)]) for i in ids]
+        acc_a = np.mean([task_a.is_correct(t, p.query) for t, p in zip(decoded, prompts_a)])
+        acc_b = np.mean([task_b.is_correct(t, b_by_input[p.query.input]) for t, p in zip(decoded, prompts_a)])
+        rows.append({"task_a": task_a.name, "task_b": task_b.name, "condition": condition,
+                     "acc_a": float(acc_a), "acc_b": float(acc_b), "n": len(prompts_a), "layer": layer})
+    return pd.DataFrame(rows)
+
+
+# --- interpretation: θ in the vocabulary --------------------------------------------
+
+@torch.no_grad()
+def project_to_vocab(model: TaskModel, vector: torch.Tensor, k: int = 20) -> pd.DataFrame:
+    """Top-``k`` tokens of a residual-stream vector read through the final norm and the unembedding.
+
+    ``vector``: (d_model,). Returns rank, token, logit. Runs in plain PyTorch on the
+    model's own modules (the same read-out the model applies after its last layer).
+    """
+    norm = model.arch.get(model.hf, model.arch.final_norm)
+    unembed = model.arch.get(model.hf, model.arch.unembed)
+    param = next(model.hf.parameters())
+    logits = unembed(norm(vector.to(device=param.device, dtype=param.dtype)[None, None, :]))[0, 0].float()
+    values, ids = logits.topk(k)
+    return pd.DataFrame({"rank": range(1, k + 1), "token": [model.tokenizer.decode([int(i)]) for i in ids],
+                         "logit": values.cpu().numpy()})
+
+
+def task_vector_tokens(model: TaskModel, vectors: dict[str, torch.Tensor], layers: dict[str, int],
+                       k: int = 20) -> pd.DataFrame:
+    """Per task: the top-``k`` tokens of its mean task vector at its layer. Columns task, layer, rank, token, logit."""
+    frames = []
+    for task, tensor in vectors.items():
+        layer = layers[task]
+        if layer < 0 or tensor.shape[0] == 0:
+            continue
+        table = project_to_vocab(model, tensor[:, layer, :].mean(dim=0), k)
+        frames.append(table.assign(task=task, layer=layer))
+    if not frames:
+        return pd.DataFrame(columns=["task", "layer", "rank", "token", "logit"])
+    return pd.concat(frames, ignore_index=True)[["task", "layer", "rank", "token", "logit"]]

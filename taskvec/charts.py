@@ -1,0 +1,134 @@
+"""Altair charts for the book: one function per figure, interactive (tooltips, legend selection).
+
+Charts take the tidy tables from :mod:`taskvec.sections` and know nothing the tables do
+not say (layer counts, task names and categories all come from the data).
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+CONDITIONS = ["baseline_acc", "hypothesis_acc", "regular_acc"]
+CONDITION_NAMES = {"baseline_acc": "Baseline", "hypothesis_acc": "Hypothesis", "regular_acc": "Regular"}
+CONDITION_COLORS = alt.Scale(domain=list(CONDITION_NAMES.values()), range=["#9e9e9e", "#e45756", "#4c78a8"])
+
+
+def finding_layer(curves: pd.DataFrame) -> alt.Chart:
+    """Fig. 3: dev accuracy of the patched query per layer, mean over tasks (thick) and per task (thin).
+
+    Two panels, stacked: layer index, and relative depth (layer / (n_layers - 1)) so models of different
+    depth line up. Click a task in the legend to highlight it.
+    """
+    data = curves.copy()
+    mean = (data.groupby(["model", "layer", "relative_depth"], as_index=False)["dev_acc"].mean()
+            .assign(task="mean over tasks"))
+    pick = alt.selection_point(fields=["task"], bind="legend")
+    panels = []
+    for x, title in (("layer", "layer L"), ("relative_depth", "relative depth L / (layers - 1)")):
+        lines = alt.Chart(data).mark_line(strokeWidth=1).encode(
+            x=alt.X(f"{x}:Q", title=title),
+            y=alt.Y("dev_acc:Q", title="dev accuracy (Hypothesis)", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("task:N", legend=alt.Legend(title="task (click)", columns=2, symbolLimit=40)),
+            detail="model:N",
+            opacity=alt.condition(pick, alt.value(0.9), alt.value(0.12)),
+            tooltip=["model:N", "task:N", "layer:Q", alt.Tooltip("dev_acc:Q", format=".2f")],
+        )
+        if not panels:  # one selection, declared once, drives both panels
+            lines = lines.add_params(pick)
+        avg = alt.Chart(mean).mark_line(strokeWidth=4, color="black", point=True).encode(
+            x=f"{x}:Q", y="dev_acc:Q", strokeDash=alt.StrokeDash("model:N", title="mean over tasks, model"),
+            tooltip=["model:N", "layer:Q", alt.Tooltip("relative_depth:Q", format=".2f"),
+                     alt.Tooltip("dev_acc:Q", title="mean dev accuracy", format=".2f")],
+        )
+        panels.append((lines + avg).properties(width=460, height=220))
+    return alt.vconcat(*panels)
+
+
+def accuracy_bars(table: pd.DataFrame) -> alt.Chart:
+    """Fig. 4: Baseline / Hypothesis / Regular accuracy per task (one row of bars per model)."""
+    long = table.melt(id_vars=["model", "task", "category", "best_layer"], value_vars=CONDITIONS,
+                      var_name="condition", value_name="accuracy").dropna(subset=["accuracy"])
+    long["condition"] = long["condition"].map(CONDITION_NAMES)
+    pick = alt.selection_point(fields=["condition"], bind="legend")
+    return alt.Chart(long).mark_bar().encode(
+        y=alt.Y("task:N", sort=list(dict.fromkeys(table["task"])), title=None),
+        yOffset=alt.YOffset("condition:N", sort=list(CONDITION_NAMES.values())),
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values()),
+                        legend=alt.Legend(title="condition (click)")),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
+        column=alt.Column("model:N", title=None),
+        tooltip=["model:N", "task:N", "category:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f"),
+                 alt.Tooltip("best_layer:Q", title="L (best dev layer)")],
+    ).add_params(pick).properties(width=380, height=alt.Step(7))
+
+
+def tsne_scatter(points: pd.DataFrame) -> alt.Chart:
+    """Fig. 5: t-SNE of task vectors, one colour per task; click a task in the legend to isolate it."""
+    pick = alt.selection_point(fields=["task"], bind="legend")
+    return alt.Chart(points).mark_point(filled=True, size=30).encode(
+        x=alt.X("x:Q", title="t-SNE 1", axis=alt.Axis(labels=False, ticks=False)),
+        y=alt.Y("y:Q", title="t-SNE 2", axis=alt.Axis(labels=False, ticks=False)),
+        color=alt.Color("task:N", legend=alt.Legend(title="task (click)", columns=2, symbolLimit=40)),
+        shape=alt.Shape("category:N"),
+        opacity=alt.condition(pick, alt.value(0.85), alt.value(0.08)),
+        tooltip=["task:N", "category:N"],
+    ).add_params(pick).properties(width=360, height=360)
+
+
+def distance_histogram(distances: pd.DataFrame, bins: int = 40) -> alt.Chart:
+    """Fig. 9 / distance histograms: cosine distance of task-vector pairs, within vs between tasks.
+
+    Binned in pandas (the pairs number in the hundreds of thousands); each histogram is
+    normalized to a fraction of its pairs so the two are comparable.
+    """
+    edges = np.linspace(0.0, float(max(distances["distance"].max(), 1e-6)), bins + 1)
+    rows = []
+    for pair, group in distances.groupby("pair"):
+        counts, _ = np.histogram(group["distance"], bins=edges)
+        for lo, hi, c in zip(edges[:-1], edges[1:], counts):
+            rows.append({"pair": pair, "start": lo, "end": hi, "fraction": c / max(len(group), 1), "pairs": int(c)})
+    data = pd.DataFrame(rows)
+    return alt.Chart(data).mark_bar(opacity=0.6, binSpacing=0).encode(
+        x=alt.X("start:Q", title="cosine distance between two task vectors"), x2="end:Q",
+        y=alt.Y("fraction:Q", title="fraction of pairs", stack=None),
+        color=alt.Color("pair:N", scale=alt.Scale(domain=["within", "between"], range=["#4c78a8", "#f58518"]),
+                        legend=alt.Legend(title="pair of vectors from")),
+        tooltip=["pair:N", alt.Tooltip("start:Q", format=".3f"), alt.Tooltip("end:Q", format=".3f"),
+                 "pairs:Q", alt.Tooltip("fraction:Q", format=".3f")],
+    ).properties(width=480, height=240)
+
+
+def dominance_bars(table: pd.DataFrame) -> alt.Chart:
+    """Table 2 as bars: accuracy w.r.t. task A and task B, without (Regular) and with θ_B (Conflicting)."""
+    data = table.assign(pair=table["task_a"] + " | θ " + table["task_b"]).melt(
+        id_vars=["model", "pair", "condition"], value_vars=["acc_a", "acc_b"], var_name="scored_as",
+        value_name="accuracy")
+    data["scored_as"] = data["scored_as"].map({"acc_a": "task A (demonstrations)", "acc_b": "task B (θ)"})
+    return alt.Chart(data).mark_bar().encode(
+        y=alt.Y("pair:N", title=None),
+        yOffset="scored_as:N",
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("scored_as:N", scale=alt.Scale(range=["#4c78a8", "#e45756"]),
+                        legend=alt.Legend(title="accuracy with respect to", orient="bottom")),
+        column=alt.Column("condition:N", sort=["regular", "conflicting"], title=None),
+        row=alt.Row("model:N", title=None),
+        tooltip=["model:N", "pair:N", "condition:N", "scored_as:N", alt.Tooltip("accuracy:Q", format=".2f")],
+    ).properties(width=200, height=alt.Step(14))
+
+
+def comparison_dots(table: pd.DataFrame) -> alt.Chart:
+    """Mean accuracy per model and condition: this run (filled) beside the paper's Table 6 (hollow)."""
+    long = table.melt(id_vars=["source", "model"], value_vars=CONDITIONS, var_name="condition", value_name="accuracy")
+    long["condition"] = long["condition"].map(CONDITION_NAMES)
+    order = list(dict.fromkeys(table["model"]))
+    return alt.Chart(long).mark_point(size=120, strokeWidth=2).encode(
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="mean accuracy over tasks"),
+        y=alt.Y("model:N", sort=order, title=None),
+        color=alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values())),
+        fill=alt.condition(alt.datum.source == "this run", alt.Color("condition:N", scale=CONDITION_COLORS),
+                           alt.value("transparent")),
+        tooltip=["source:N", "model:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")],
+    ).properties(width=440, height=alt.Step(26))
