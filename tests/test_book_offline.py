@@ -1,0 +1,175 @@
+"""The book reads offline: a throwaway Jupyter Book built with the real book's _config.yml.
+
+Builds (about 10 s) a book of one markdown page and one pre-executed notebook with Altair charts,
+then checks statically (taskvec.book.check_offline) and in headless Chromium with the network cut
+(taskvec.book.render_check) that every chart renders from the book's own files and that nothing
+is fetched from outside. The browser parts are skipped when /usr/bin/chromium is absent
+(scripts/ensure_chromium.sh installs it).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from taskvec.book import CHROMIUM, VEGA_JS, build_book, check_offline, render_check
+
+REPO = Path(__file__).resolve().parents[1]
+CDN = "https://cdn.jsdelivr.net/npm/vega@6"
+
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason=f"{CHROMIUM} not installed (run scripts/ensure_chromium.sh as root): browser checks skipped")
+
+CHART_CELL = '''import altair as alt
+import pandas as pd
+
+df = pd.DataFrame({"layer": [1, 2, 3, 4, 5, 6], "accuracy": [0.10, 0.35, 0.80, 0.72, 0.55, 0.40],
+                   "method": ["task vector"] * 6})
+points = alt.Chart(df).mark_point(size=300, filled=True).encode(
+    x="layer:Q", y="accuracy:Q", tooltip=["layer", "accuracy", "method"])
+points'''
+SECOND_CHART_CELL = '''line = alt.Chart(df).mark_line().encode(x="layer:Q", y="accuracy:Q")
+(line + points).properties(title="θ by layer")'''
+TABLE_CELL = '''print("θ extracted at layer", 3)
+df.head(3)'''
+
+
+def _write_notebook(path: Path) -> None:
+    """A notebook executed now, as the real ones are before the build (kernel python3)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# Chart page\n\nAccuracy by layer; hover a point for its tooltip."),
+        nbformat.v4.new_code_cell(CHART_CELL),
+        nbformat.v4.new_code_cell(SECOND_CHART_CELL),
+        nbformat.v4.new_code_cell(TABLE_CELL),
+    ]
+    NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(html folder, build seconds) of a minimal book using the real book's settings."""
+    root = tmp_path_factory.mktemp("book")
+    config = yaml.safe_load((REPO / "_config.yml").read_text())
+    config["title"] = "taskvec offline test book"
+    (root / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (root / "_toc.yml").write_text(yaml.safe_dump(
+        {"format": "jb-book", "root": "book/intro", "chapters": [{"file": "book/sections/chart"}]}))
+    (root / "book" / "sections").mkdir(parents=True)
+    (root / "book" / "intro.md").write_text(
+        "# Intro\n\nThe task vector θ costs $5 and $6: dollars stay dollars, no math typesetting. "
+        "A [link](https://arxiv.org/abs/2310.15916) to the paper is fine offline.\n")
+    _write_notebook(root / "book" / "sections" / "chart.ipynb")
+    # Folders the real config excludes must never be read: a broken page in one would fail -W.
+    for skipped in ("nb", "tests", "results"):
+        (root / skipped).mkdir()
+        (root / skipped / "broken.md").write_text("no title, {unknown-role}`x` and a [dangling](nowhere.md)\n")
+    t0 = time.monotonic()
+    html = build_book(root)
+    return html, time.monotonic() - t0
+
+
+def test_book_builds_with_local_vega(built):
+    html, seconds = built
+    assert (html / "book" / "sections" / "chart.html").is_file()
+    assert (html / "_static" / VEGA_JS).is_file()
+    assert not list(html.rglob("broken.html")), "excluded folders were built"
+    page = (html / "book" / "sections" / "chart.html").read_text()
+    assert f"_static/{VEGA_JS}" in page
+    assert page.count('id="altair-viz-') == 2
+    print(f"book built in {seconds:.1f} s")
+
+
+def test_book_is_offline_statically(built):
+    html, _ = built
+    assert check_offline(html) == []
+    for page in html.rglob("*.html"):
+        text = page.read_text().lower()
+        assert not re.search(r"<script[^>]*mathjax|mathjax\.js|tex-[a-z-]*\.js", text), f"{page} loads MathJax"
+        assert "thebe" not in text, f"{page} carries Thebe"
+    assert "$5 and $6" in (html / "book" / "intro.html").read_text()
+
+
+@needs_chromium
+def test_charts_render_offline(built):
+    html, _ = built
+    report = render_check(html / "book" / "sections" / "chart.html", timeout_s=60)
+    print(report)
+    assert report["network_cut"], "unshare -n unavailable: not a real offline check"
+    assert report["charts"] == 2
+    assert report["rendered"] == report["charts"], report
+    assert report["errors"] == [] and report["exceptions"] == [], report
+    assert report["outside_requests"] == [], report
+    assert all(n > 0 for n in report["marks"]), report
+    assert report["tooltip"] and "accuracy" in report["tooltip"], "tooltip did not show"
+    assert report["versions"]["vegaLite"] == report["vega_debug"]["vegalite_version"]
+    intro = render_check(html / "book" / "intro.html", timeout_s=60, tooltip=False)
+    assert intro["charts"] == 0 and intro["outside_requests"] == [] and intro["exceptions"] == [], intro
+
+
+@pytest.fixture(scope="module")
+def cdn_page(built, tmp_path_factory):
+    """A copy of the built site whose chart page also pulls a script from a CDN."""
+    html, _ = built
+    import shutil
+
+    site = tmp_path_factory.mktemp("cdn") / "html"
+    shutil.copytree(html, site)
+    page = site / "book" / "sections" / "chart.html"
+    text = page.read_text()
+    page.write_text(text.replace("</head>", f'<script src="{CDN}"></script>\n</head>', 1))
+    return site, page
+
+
+def test_check_offline_reports_cdn_script(cdn_page):
+    site, _ = cdn_page
+    problems = check_offline(site)
+    assert len(problems) == 1 and CDN in problems[0] and "book/sections/chart.html" in problems[0], problems
+
+
+@needs_chromium
+def test_render_check_reports_cdn_request(cdn_page):
+    _, page = cdn_page
+    report = render_check(page, timeout_s=30, tooltip=False)
+    assert CDN in report["outside_requests"], report
+    assert report["rendered"] == report["charts"] == 2  # the local bundle still draws the charts
+
+
+def test_check_offline_catches_each_kind(tmp_path):
+    """Every way of loading from outside is reported; plain links are not."""
+    (tmp_path / "page.html").write_text(
+        '<html><head><link rel="stylesheet" href="//fonts.example.org/a.css">'
+        '<link rel="canonical" href="https://example.org/page.html">'
+        '<style>body { background: url("https://img.example.org/bg.png"); }</style></head><body>'
+        '<a href="https://arxiv.org/abs/2310.15916">paper</a>'
+        '<img src="http://img.example.org/x.png"><iframe src="https://embed.example.org/"></iframe>'
+        "<script>fetch('https://api.example.org/data.json')</script>"
+        '<div style="background-image:url(https://img.example.org/y.png)"></div></body></html>')
+    (tmp_path / "app.js").write_text('var s = document.createElement("script"); s.src = "https://unpkg.com/x.js";\n'
+                                     'const docs = "https://vega.github.io/vega/docs/";\n')
+    (tmp_path / "style.css").write_text('@import "https://fonts.example.org/b.css";\n.a { color: red }\n')
+    problems = "\n".join(check_offline(tmp_path))
+    for url in ["//fonts.example.org/a.css", "https://img.example.org/bg.png", "http://img.example.org/x.png",
+                "https://embed.example.org/", "https://api.example.org/data.json", "https://img.example.org/y.png",
+                "https://unpkg.com/x.js", "https://fonts.example.org/b.css"]:
+        assert url in problems, f"{url} not reported:\n{problems}"
+    for url in ["arxiv.org", "https://example.org/page.html", "vega.github.io"]:
+        assert url not in problems, f"{url} wrongly reported:\n{problems}"
+
+
+def test_check_offline_needs_local_vega_for_altair(built, tmp_path):
+    """An Altair page without the local bundle would fetch vega from a CDN: reported."""
+    html, _ = built
+    (tmp_path / "chart.html").write_text((html / "book" / "sections" / "chart.html").read_text())
+    problems = check_offline(tmp_path)
+    assert any("vega-lite@" in p and "CDN" in p for p in problems), problems
