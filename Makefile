@@ -22,11 +22,16 @@ $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.tom
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-# Runs the paper's main experiment on the embedded default model and writes its tables.
-book: $(STAMP)
-	$(PY) -m taskvec main --model $(MODEL) --out results/main/$(MODEL)
+PROFILE ?= paper
 
+# Executes every section notebook (profile $(PROFILE) of experiments.yaml) and builds the offline
+# book into book/_build/html. Results are cached: a rebuild with unchanged settings recomputes nothing.
+book: $(STAMP)
+	$(PY) -m taskvec book --profile $(PROFILE)
+
+# The browser checks of the built book need Debian's chromium: installed here when possible.
 test: $(STAMP)
+	sh scripts/ensure_chromium.sh
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -115,6 +115,7 @@ def cmd_prompts(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m taskvec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("book", help="execute the section notebooks and build the book (python -m taskvec book -h)")
 
     main = sub.add_parser("main", help="run the main experiment and write its tables")
     main.add_argument("--model", default="gemma-3-270m", help="embedded name, local folder or hub id")
@@ -139,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["book"]:
+        from .runner import main as book_main
+
+        return book_main(argv[1:])
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)

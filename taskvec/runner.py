@@ -1,0 +1,282 @@
+"""The book runner: experiments.yaml -> papermill-executed section notebooks -> Jupyter Book.
+
+1. Read and validate the experiment file; pick a profile.
+2. Check every parameter the profile sets against each notebook's parameters cell
+   (papermill only warns on unknown names), before any compute.
+3. Compute the shared results (the main experiment per model) once, into the cache.
+4. Execute each notebook in ``nb/`` with papermill into ``book/sections/``. An executed
+   notebook records a key of its parameters, its source and the method's code; a rerun
+   with the same key skips it. Outputs are written to a temporary file and renamed, so
+   an interrupted run never leaves a half-written notebook behind.
+5. Build the book with Jupyter Book (warnings are errors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SettingError, TaskvecError
+from .store import code_version, make_key
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Section notebooks in reading order; the last two read what the others produced.
+NOTEBOOKS = ("finding_L", "accuracy", "geometry", "dominance", "interpretation", "comparison", "provenance")
+COMMON = ("models", "tasks", "protocol", "cache_dir")
+PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections"}
+
+
+class ExperimentFileError(SettingError):
+    """A malformed experiment file; the message names the file and the key."""
+
+
+@dataclass
+class Profile:
+    name: str
+    description: str
+    models: list[str]
+    tasks: list[str]
+    protocol: dict
+    sections: dict[str, dict] = field(default_factory=dict)
+
+    def parameters(self, notebook: str, cache_dir: str = "") -> dict[str, Any]:
+        return {"models": self.models, "tasks": self.tasks, "protocol": self.protocol, "cache_dir": cache_dir,
+                **self.sections.get(notebook, {})}
+
+
+def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
+    """Parse and validate an experiment file: returns (default profile name, profiles)."""
+    path = Path(path)
+
+    def fail(problem: str):
+        raise ExperimentFileError(f"{path}: {problem}")
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        fail(f"cannot read ({error.strerror})")
+    except yaml.YAMLError as error:
+        fail(f"not valid YAML ({str(error).splitlines()[0]})")
+    if not isinstance(data, dict) or not isinstance(data.get("profiles"), dict) or not data["profiles"]:
+        fail("needs a 'profiles' mapping with at least one profile")
+    unknown = set(data) - {"default", "profiles"}
+    if unknown:
+        fail(f"unknown top-level key(s) {', '.join(sorted(unknown))}")
+    profiles = {}
+    from .sections import PROTOCOL_FIELDS
+    from .tasks import list_tasks
+
+    known_tasks = set(list_tasks())
+    for name, raw in data["profiles"].items():
+        where = f"profiles.{name}"
+        if not isinstance(raw, dict):
+            fail(f"{where} must be a mapping")
+        extra = set(raw) - PROFILE_KEYS
+        if extra:
+            fail(f"{where}: unknown key(s) {', '.join(sorted(extra))} (allowed: {', '.join(sorted(PROFILE_KEYS))})")
+        models = raw.get("models")
+        if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
+            fail(f"{where}.models must be a non-empty list of model names")
+        tasks = raw.get("tasks") or []
+        if not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
+            fail(f"{where}.tasks must be a list of task names (empty = all)")
+        bad_tasks = [t for t in tasks if t not in known_tasks]
+        if bad_tasks:
+            fail(f"{where}.tasks: unknown task(s) {', '.join(bad_tasks)}")
+        protocol = raw.get("protocol") or {}
+        if not isinstance(protocol, dict):
+            fail(f"{where}.protocol must be a mapping")
+        bad = set(protocol) - PROTOCOL_FIELDS
+        if bad:
+            fail(f"{where}.protocol: unknown setting(s) {', '.join(sorted(bad))}")
+        sections = raw.get("sections") or {}
+        if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
+            fail(f"{where}.sections must map section names to parameter mappings")
+        bad = set(sections) - set(NOTEBOOKS)
+        if bad:
+            fail(f"{where}.sections: unknown section(s) {', '.join(sorted(bad))} (sections: {', '.join(NOTEBOOKS)})")
+        for section, params in sections.items():
+            clash = set(params) & set(COMMON)
+            if clash:
+                fail(f"{where}.sections.{section}: {', '.join(sorted(clash))} belong(s) to the profile, not a section")
+        profiles[name] = Profile(name, str(raw.get("description", "")), models, tasks, protocol, sections)
+    default = data.get("default", next(iter(profiles)))
+    if default not in profiles:
+        fail(f"default profile {default!r} is not defined")
+    return default, profiles
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """The names (and defaults) declared in a notebook's ``parameters`` cell."""
+    import papermill
+
+    params = papermill.inspect_notebook(str(path))
+    if not params:
+        raise SettingError(f"{path}: no cell tagged 'parameters'")
+    return params
+
+
+def check_parameters(profile: Profile, nb_dir: Path) -> None:
+    """Reject, before any compute, every parameter a notebook does not declare."""
+    for notebook in NOTEBOOKS:
+        path = nb_dir / f"{notebook}.ipynb"
+        declared = notebook_parameters(path)
+        unknown = set(profile.parameters(notebook)) - set(declared)
+        if unknown:
+            raise SettingError(f"profile {profile.name!r}: {path.name} has no parameter(s) "
+                               f"{', '.join(sorted(unknown))} (it declares {', '.join(declared)})")
+
+
+def _notebook_key(source: Path, params: dict) -> str:
+    return make_key(kind="notebook", source=hashlib.sha256(source.read_bytes()).hexdigest(), params=params,
+                    charts=hashlib.sha256((ROOT / "taskvec" / "charts.py").read_bytes()).hexdigest(),
+                    sections=hashlib.sha256((ROOT / "taskvec" / "sections.py").read_bytes()).hexdigest())
+
+
+def _recorded_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["metadata"].get("taskvec", {}).get("key")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def execute(notebook: Path, output: Path, params: dict, key: str, cwd: Path) -> float:
+    """Run ``notebook`` with papermill into ``output`` atomically; returns seconds."""
+    import nbformat
+    import papermill
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".ipynb", prefix=f".{output.stem}-", dir=output.parent)
+    os.close(fd)
+    start = time.perf_counter()
+    quiet = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}  # no progress bars in the book
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)  # the kernel inherits this process's environment at start
+    try:
+        papermill.execute_notebook(str(notebook), tmp, parameters=params, kernel_name="python3", cwd=str(cwd),
+                                   progress_bar=False)
+        seconds = time.perf_counter() - start
+        nb = nbformat.read(tmp, as_version=4)
+        nb.metadata["taskvec"] = {"key": key, "seconds": round(seconds, 1)}
+        nbformat.write(nb, tmp)
+        os.replace(tmp, output)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return seconds
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    names = ("torch", "transformers", "nnsight", "papermill", "jupyter-book", "altair", "scikit-learn", "numpy",
+             "pandas", "gguf")
+    return {"python": platform.python_version(), **{n: version(n) for n in names}}
+
+
+def run(profile_name: str | None = None, experiments: Path | str = ROOT / "experiments.yaml",
+        book_root: Path | str = ROOT, cache_dir: str = "", build: bool = True,
+        only: list[str] | None = None, force: bool = False, log=print) -> dict:
+    """Run a profile end to end; returns the run log (also written to ``book/sections/run_log.json``).
+
+    ``book_root`` holds ``_config.yml``, ``_toc.yml`` and ``book/``; executed notebooks go to
+    ``book_root/book/sections``.
+    """
+    from tqdm.auto import tqdm
+
+    from . import sections
+    from .models import resolve_source
+
+    default, profiles = load_experiments(experiments)
+    name = profile_name or default
+    if name not in profiles:
+        raise SettingError(f"unknown profile {name!r}; defined: {', '.join(profiles)}")
+    profile = profiles[name]
+    for model in profile.models:
+        resolve_source(model)
+    notebooks = list(only or NOTEBOOKS)
+    bad = set(notebooks) - set(NOTEBOOKS)
+    if bad:
+        raise SettingError(f"unknown notebook(s) {', '.join(sorted(bad))}; known: {', '.join(NOTEBOOKS)}")
+    nb_dir, out_dir = ROOT / "nb", Path(book_root) / "book" / "sections"
+    check_parameters(profile, nb_dir)
+    protocol = sections.protocol_from(profile.protocol)  # validates values before compute
+
+    started = time.perf_counter()
+    log(f"profile {name}: {profile.description}")
+    sections.main_results(profile.models, profile.tasks, protocol, cache_dir or None)  # shared, cached
+    shared_s = time.perf_counter() - started
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "run_log.json"
+    record = {"profile": name, "description": profile.description, "models": profile.models,
+              "protocol": profile.protocol, "code_version": code_version(), "versions": versions(),
+              "shared_results_seconds": round(shared_s, 1), "notebooks": {}}
+    for notebook in tqdm(notebooks, desc="notebooks", unit="nb"):
+        params = profile.parameters(notebook, cache_dir)
+        if notebook == "provenance":
+            params = {**params, "run_log": str(log_path)}
+            _write_json(log_path, record)  # what provenance reads: everything before it
+        source, output = nb_dir / f"{notebook}.ipynb", out_dir / f"{notebook}.ipynb"
+        key = _notebook_key(source, params)
+        if not force and notebook != "provenance" and output.exists() and _recorded_key(output) == key:
+            record["notebooks"][notebook] = {"seconds": 0.0, "cached": True}
+            continue
+        seconds = execute(source, output, params, key, ROOT)
+        record["notebooks"][notebook] = {"seconds": round(seconds, 1), "cached": False}
+    record["total_seconds"] = round(time.perf_counter() - started, 1)
+    _write_json(log_path, record)
+    if build:
+        from .book import build_book, check_offline
+
+        t0 = time.perf_counter()
+        html = build_book(Path(book_root))
+        problems = check_offline(html)
+        if problems:  # a page that needs the network is a broken page for an offline reader
+            raise RuntimeError("the built book loads from outside:\n" + "\n".join(problems))
+        record["book_seconds"] = round(time.perf_counter() - t0, 1)
+        record["html"] = str(html)
+        log(f"book: {html / 'index.html'}")
+    log(f"done in {time.perf_counter() - started:.0f} s")
+    return record
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m taskvec book", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", help="profile in the experiment file (default: its 'default')")
+    parser.add_argument("--experiments", default=str(ROOT / "experiments.yaml"))
+    parser.add_argument("--cache-dir", default="", help="results cache (default $TASKVEC_CACHE/results)")
+    parser.add_argument("--only", help="comma-separated notebooks to execute")
+    parser.add_argument("--force", action="store_true", help="re-execute notebooks even if up to date")
+    parser.add_argument("--no-build", action="store_true", help="execute notebooks only")
+    ns = parser.parse_args(argv)
+    try:
+        run(ns.profile, ns.experiments, cache_dir=ns.cache_dir, build=not ns.no_build,
+            only=ns.only.split(",") if ns.only else None, force=ns.force)
+    except TaskvecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

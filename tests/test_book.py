@@ -1,0 +1,78 @@
+"""The whole book on the tiny profile, through the runner users use: every notebook executes, the
+book builds with warnings as errors, every chart renders in a browser with the network cut, nothing
+is requested from outside, and a second run reuses everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from taskvec import book, runner, sections
+
+ROOT = Path(__file__).parent.parent
+CHART_PAGES = {"finding_L": 1, "accuracy": 1, "geometry": 2, "dominance": 1, "comparison": 1}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("book")
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy(ROOT / name, root / name)
+    shutil.copytree(ROOT / "book", root / "book", ignore=shutil.ignore_patterns("_build", "sections", "vega-offline.js"))
+    (root / "tasks").mkdir()
+    shutil.copy(ROOT / "tasks" / "README.md", root / "tasks" / "README.md")
+    record = runner.run("tiny", book_root=root, log=lambda *_: None)
+    return root, record
+
+
+def test_every_notebook_executes_without_errors(built):
+    root, record = built
+    assert set(record["notebooks"]) == set(runner.NOTEBOOKS)
+    for name in runner.NOTEBOOKS:
+        nb = nbformat.read(root / "book" / "sections" / f"{name}.ipynb", as_version=4)
+        assert nb.metadata["taskvec"]["key"]
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+        assert not errors, name
+        assert nb.cells[0].source.startswith("# "), f"{name} needs a title heading"
+
+
+def test_book_is_offline_and_every_chart_renders(built):
+    root, record = built
+    html = Path(record["html"])
+    assert book.check_offline(html) == []
+    if not Path(book.CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{book.CHROMIUM} missing on CI: scripts/ensure_chromium.sh should have installed it")
+        pytest.skip(f"{book.CHROMIUM} not installed (scripts/ensure_chromium.sh installs it)")
+    for page in ["intro", "method"] + [f"sections/{n}" for n in runner.NOTEBOOKS]:
+        result = book.render_check(html / "book" / f"{page}.html")
+        name = page.split("/")[-1]
+        assert result["charts"] == CHART_PAGES.get(name, 0), (page, result)
+        assert result["rendered"] == result["charts"], (page, result)
+        assert result["outside_requests"] == [], (page, result)
+        assert result["exceptions"] == [], (page, result)
+
+
+def test_numbers_in_the_prose_come_from_the_results(built):
+    root, record = built
+    default, profiles = runner.load_experiments(ROOT / "experiments.yaml")
+    tiny = profiles["tiny"]
+    results = sections.main_results(tiny.models, tiny.tasks, sections.protocol_from(tiny.protocol), progress=False)
+    avg = sections.averages(results).iloc[0]
+    page = (Path(record["html"]) / "book" / "sections" / "accuracy.html").read_text()
+    for col in ("baseline_acc", "hypothesis_acc", "regular_acc"):
+        assert f"{avg[col]:.2f}" in page, col
+
+
+def test_second_run_reuses_everything(built):
+    root, _ = built
+    record = runner.run("tiny", book_root=root, build=False, log=lambda *_: None)
+    cached = {name: info["cached"] for name, info in record["notebooks"].items()}
+    assert cached == {name: name != "provenance" for name in runner.NOTEBOOKS}
+    log = json.loads((root / "book" / "sections" / "run_log.json").read_text())
+    assert log["profile"] == "tiny"
