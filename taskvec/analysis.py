@@ -152,3 +152,19 @@ def task_vector_tokens(model: TaskModel, vectors: dict[str, torch.Tensor], layer
     if not frames:
         return pd.DataFrame(columns=["task", "layer", "rank", "token", "logit"])
     return pd.concat(frames, ignore_index=True)[["task", "layer", "rank", "token", "logit"]]
+
+
+def answer_tokens(tokens: pd.DataFrame, tasks: dict[str, Task], min_chars: int = 2) -> pd.DataFrame:
+    """Per task: how many of θ's top tokens start one of the task's answers (e.g. ``Europe``, ``Mus``).
+
+    ``tokens``: the output of :func:`task_vector_tokens`. A token counts when, stripped, it has at
+    least ``min_chars`` characters and some accepted answer of the task starts with it. Returns
+    task, n_top, n_answer_tokens, answer_tokens.
+    """
+    rows = []
+    for task_name, group in tokens.groupby("task", sort=False):
+        answers = {out for e in tasks[task_name].examples for out in e.outputs}
+        hits = [t for t in group["token"] if len(t.strip()) >= min_chars and any(a.startswith(t.strip()) for a in answers)]
+        rows.append({"task": task_name, "n_top": len(group), "n_answer_tokens": len(hits),
+                     "answer_tokens": " ".join(repr(t) for t in hits)})
+    return pd.DataFrame(rows)

@@ -132,3 +132,8 @@ def comparison_dots(table: pd.DataFrame) -> alt.Chart:
                            alt.value("transparent")),
         tooltip=["source:N", "model:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")],
     ).properties(width=440, height=alt.Step(26))
+
+
+def table(frame: pd.DataFrame, digits: int = 2):
+    """A table for the book: no index column, floats rounded to ``digits``."""
+    return frame.style.hide(axis="index").format(precision=digits)

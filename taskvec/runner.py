@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from .errors import SettingError, TaskvecError
-from .store import code_version, make_key
+from .store import ANALYSIS_MODULES, code_version, make_key
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Section notebooks in reading order; the last two read what the others produced.
@@ -138,16 +138,17 @@ def check_parameters(profile: Profile, nb_dir: Path) -> None:
 
 
 def _notebook_key(source: Path, params: dict) -> str:
-    return make_key(kind="notebook", source=hashlib.sha256(source.read_bytes()).hexdigest(), params=params,
+    return make_key(ANALYSIS_MODULES, kind="notebook", source=hashlib.sha256(source.read_bytes()).hexdigest(), params=params,
                     charts=hashlib.sha256((ROOT / "taskvec" / "charts.py").read_bytes()).hexdigest(),
                     sections=hashlib.sha256((ROOT / "taskvec" / "sections.py").read_bytes()).hexdigest())
 
 
-def _recorded_key(path: Path) -> str | None:
+def _recorded(path: Path) -> dict:
+    """What an executed notebook recorded about its run (key, seconds); empty if none or unreadable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["metadata"].get("taskvec", {}).get("key")
+        return json.loads(path.read_text(encoding="utf-8"))["metadata"].get("taskvec", {})
     except (OSError, ValueError, KeyError):
-        return None
+        return {}
 
 
 def execute(notebook: Path, output: Path, params: dict, key: str, cwd: Path) -> float:
@@ -219,14 +220,18 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
 
     started = time.perf_counter()
     log(f"profile {name}: {profile.description}")
-    sections.main_results(profile.models, profile.tasks, protocol, cache_dir or None)  # shared, cached
+    shared = sections.main_results(profile.models, profile.tasks, protocol, cache_dir or None)  # shared, cached
     shared_s = time.perf_counter() - started
+    main_record = [{"model": m, "tasks": len(r.accuracy), "cached_tasks": len(r.meta.get("cached_tasks", [])),
+                    "compute_seconds": round(float(r.accuracy["seconds"].sum()), 1)} for m, r in shared.items()]
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.ipynb"):  # temp files of a run that was killed mid-notebook
+        stale.unlink()
     log_path = out_dir / "run_log.json"
     record = {"profile": name, "description": profile.description, "models": profile.models,
               "protocol": profile.protocol, "code_version": code_version(), "versions": versions(),
-              "shared_results_seconds": round(shared_s, 1), "notebooks": {}}
+              "shared_results_seconds": round(shared_s, 1), "main_experiment": main_record, "notebooks": {}}
     for notebook in tqdm(notebooks, desc="notebooks", unit="nb"):
         params = profile.parameters(notebook, cache_dir)
         if notebook == "provenance":
@@ -234,8 +239,9 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
             _write_json(log_path, record)  # what provenance reads: everything before it
         source, output = nb_dir / f"{notebook}.ipynb", out_dir / f"{notebook}.ipynb"
         key = _notebook_key(source, params)
-        if not force and notebook != "provenance" and output.exists() and _recorded_key(output) == key:
-            record["notebooks"][notebook] = {"seconds": 0.0, "cached": True}
+        recorded = _recorded(output)
+        if not force and notebook != "provenance" and recorded.get("key") == key:
+            record["notebooks"][notebook] = {"seconds": recorded.get("seconds", 0.0), "cached": True}
             continue
         seconds = execute(source, output, params, key, ROOT)
         record["notebooks"][notebook] = {"seconds": round(seconds, 1), "cached": False}

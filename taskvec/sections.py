@@ -20,7 +20,7 @@ from . import analysis
 from .errors import SettingError
 from .experiment import MainResult, Protocol, run_main_experiment
 from .models import TaskModel, load_model
-from .store import Store, make_key, model_fingerprint
+from .store import ANALYSIS_MODULES, Store, make_key, model_fingerprint
 from .tasks import load_task, load_tasks
 
 PROTOCOL_FIELDS = {f.name for f in fields(Protocol)}
@@ -48,10 +48,23 @@ def model(name: str) -> TaskModel:
     return _model(name)
 
 
-def main_results(models: Sequence[str], tasks: Sequence[str] | None, protocol: Protocol,
+def as_list(value: str | Sequence[str] | None) -> list[str]:
+    """A list of names from a list, or from one string (comma-separated), as ``papermill -p`` passes them."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+def main_results(models: str | Sequence[str], tasks: str | Sequence[str] | None, protocol: Protocol,
                  cache_dir: str | None = None, progress: bool = True) -> dict[str, MainResult]:
-    """The main experiment per model (cached per task); ``tasks`` empty or None means all 18."""
-    task_list = load_tasks(list(tasks) if tasks else None)
+    """The main experiment per model (cached per task); ``tasks`` empty or None means all 18.
+
+    ``models`` and ``tasks`` may be lists or comma-separated strings.
+    """
+    models, tasks = as_list(models), as_list(tasks)
+    task_list = load_tasks(tasks or None)
     store = store_for(cache_dir)
     out = {}
     for name in models:
@@ -119,7 +132,7 @@ def dominance(name: str, result: MainResult, protocol: Protocol, pairs: Sequence
                                "in the main experiment (add it to the profile's tasks)")
         task_a, task_b = load_task(a_name), load_task(b_name)
         layer = int(best[b_name])
-        key = make_key(kind="dominance", model=name, weights=model_fingerprint(name), a=[a_name, [
+        key = make_key(ANALYSIS_MODULES, kind="dominance", model=name, weights=model_fingerprint(name), a=[a_name, [
             [e.input, list(e.outputs)] for e in task_a.examples]], b=[b_name, [[e.input, list(e.outputs)]
                                                                               for e in task_b.examples]],
             layer=layer, protocol=protocol, n_prompts=n_prompts, n_shots=n_shots)
@@ -135,7 +148,7 @@ def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | N
     """Top tokens of each task's mean θ at its best layer (cached)."""
     store = store_for(cache_dir)
     layers = result.accuracy.set_index("task")["best_layer"].to_dict()
-    key = make_key(kind="interpretation", model=name, weights=model_fingerprint(name), layers=layers, k=top_k,
+    key = make_key(ANALYSIS_MODULES, kind="interpretation", model=name, weights=model_fingerprint(name), layers=layers, k=top_k,
                    vectors={t: [list(v.shape), float(v.double().sum())] for t, v in result.task_vectors.items()})
     folder = store.path("interpretation", name, key)
     if not store.has("interpretation", name, key):
@@ -157,3 +170,9 @@ def layer_peaks(curves: pd.DataFrame) -> pd.DataFrame:
                      "peak_depth": peak / max(n_layers - 1, 1), "peak_acc": float(mean.max()),
                      "edge_acc": float((mean.iloc[0] + mean.iloc[-1]) / 2)})
     return pd.DataFrame(rows)
+
+
+def answer_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
+    """Per task: top tokens of θ that begin one of the task's answers (see analysis.answer_tokens)."""
+    names = list(dict.fromkeys(tokens["task"]))
+    return analysis.answer_tokens(tokens, {t.name: t for t in load_tasks(names)})

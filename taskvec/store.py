@@ -21,15 +21,18 @@ from typing import Any
 
 from .models import EMBEDDED, cache_dir, resolve_source, sha256_file
 
-# The modules whose code decides a result; editing any of them invalidates the cache.
-METHOD_MODULES = ("mechanism.py", "experiment.py", "prompts.py", "tasks.py", "analysis.py")
+# The modules whose code decides a main-experiment result; editing any of them invalidates it.
+METHOD_MODULES = ("mechanism.py", "experiment.py", "prompts.py", "tasks.py", "models.py", "arch.py")
+# Analyses built on the main experiment (dominance, interpretation) also depend on this one.
+ANALYSIS_MODULES = METHOD_MODULES + ("analysis.py",)
 
 
 @lru_cache(maxsize=None)
-def code_version() -> str:
+def code_version(modules: tuple[str, ...] = METHOD_MODULES) -> str:
+    """Hash of the source of ``modules`` (files of the taskvec package)."""
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in METHOD_MODULES:
+    for name in modules:
         path = here / name
         if path.exists():
             digest.update(name.encode() + b"\0" + path.read_bytes())
@@ -68,9 +71,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def make_key(**parts: Any) -> str:
-    """sha256 of the canonical JSON of ``parts`` plus the method's code version."""
-    blob = json.dumps({"code": code_version(), **_plain(parts)}, sort_keys=True, ensure_ascii=False, default=str)
+def make_key(modules: tuple[str, ...] = METHOD_MODULES, **parts: Any) -> str:
+    """sha256 of the canonical JSON of ``parts`` plus the code version of ``modules``."""
+    blob = json.dumps({"code": code_version(modules), **_plain(parts)}, sort_keys=True, ensure_ascii=False,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

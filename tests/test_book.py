@@ -76,3 +76,22 @@ def test_second_run_reuses_everything(built):
     assert cached == {name: name != "provenance" for name in runner.NOTEBOOKS}
     log = json.loads((root / "book" / "sections" / "run_log.json").read_text())
     assert log["profile"] == "tiny"
+
+
+def test_a_notebook_reexecutes_by_hand_with_papermill(built, tmp_path):
+    """The papermill habit: one section, parameters on the command line (a plain -p string for models)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    _, profiles = runner.load_experiments(ROOT / "experiments.yaml")
+    tiny = profiles["tiny"]
+    out = tmp_path / "accuracy.ipynb"
+    cmd = [str(Path(sys.executable).parent / "papermill"), str(ROOT / "nb" / "accuracy.ipynb"), str(out),
+           "-k", "python3", "-p", "models", tiny.models[0],
+           "-y", yaml.safe_dump({"tasks": tiny.tasks, "protocol": tiny.protocol})]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    nb = nbformat.read(out, as_version=4)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
