@@ -229,12 +229,12 @@ def task_key(model_name: str, weights: str, task: Task, protocol: Protocol, prom
 
 def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol | None = None,
                         prompts: dict[str, PromptSet] | None = None, progress: bool = True,
-                        store: Store | None = None) -> MainResult:
+                        store: Store | None = None, loader=load_model) -> MainResult:
     """Run the main experiment on ``tasks``; ``prompts`` (task name -> PromptSet) overrides sampling.
 
     With a ``store``, each task's result is read from the cache when its key (see
     :func:`task_key`) is there and written to it when computed; ``model`` may then be
-    a name, loaded only if some task is missing, so a warm rerun loads no weights.
+    a name, loaded (with ``loader``) only if some task is missing, so a warm rerun loads no weights.
 
     With ``protocol.single_token`` (the default) exact-match tasks are first
     restricted to examples whose answer is one token for this model's tokenizer; a
@@ -257,7 +257,7 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
 
     def get_model() -> TaskModel:
         if not loaded:
-            loaded.append(load_model(model))
+            loaded.append(loader(model))
         return loaded[0]
 
     # Filter every task to be computed before any forward pass, so a task this tokenizer leaves

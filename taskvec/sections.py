@@ -66,19 +66,10 @@ def main_results(models: str | Sequence[str], tasks: str | Sequence[str] | None,
     models, tasks = as_list(models), as_list(tasks)
     task_list = load_tasks(tasks or None)
     store = store_for(cache_dir)
-    out = {}
-    for name in models:
-        needs_model = any(not store.has("main", name, key) for key in _main_keys(name, task_list, protocol))
-        out[name] = run_main_experiment(model(name) if needs_model else name, task_list, protocol,
-                                        progress=progress, store=store)
-    return out
-
-
-def _main_keys(name: str, tasks, protocol: Protocol) -> list[str]:
-    from .experiment import task_key
-
-    weights = model_fingerprint(name)
-    return [task_key(name, weights, t, protocol) for t in tasks]
+    # The model loads only if a task is missing from the cache, through the notebook-wide model()
+    # so later sections (dominance, interpretation) reuse it.
+    return {name: run_main_experiment(name, task_list, protocol, progress=progress, store=store, loader=model)
+            for name in models}
 
 
 def accuracy_table(results: dict[str, MainResult]) -> pd.DataFrame:
