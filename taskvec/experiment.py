@@ -146,8 +146,8 @@ def _decode(model: TaskModel, ids: torch.Tensor) -> list[str]:
     return [model.tokenizer.decode([int(i)]) for i in ids]
 
 
-def _score(task: Task, model: TaskModel, ids: torch.Tensor, prompts: Sequence[FewShotPrompt]) -> list[bool]:
-    return [task.is_correct(text, p.query) for text, p in zip(_decode(model, ids), prompts)]
+def _score(task: Task, texts: Sequence[str], prompts: Sequence[FewShotPrompt]) -> list[bool]:
+    return [task.is_correct(text, p.query) for text, p in zip(texts, prompts)]
 
 
 def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSet | None = None,
@@ -163,7 +163,7 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSe
     phase("dev: layer sweep")
     sweep = mechanism.patched_next_tokens(
         model, [q.query_text(fmt) for q in prompts.dev], dev_vectors, range(model.n_layers), p.patch_batch_size, "dev sweep")
-    dev_correct = torch.tensor([_score(task, model, sweep[layer], prompts.dev) for layer in range(model.n_layers)],
+    dev_correct = torch.tensor([_score(task, _decode(model, sweep[layer]), prompts.dev) for layer in range(model.n_layers)],
                                dtype=torch.float32)
     dev_accuracy = dev_correct.mean(dim=1)
     best_layer = int(dev_accuracy.argmax())  # earliest layer among ties
@@ -181,7 +181,8 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSe
     rows = []
     for condition, ids, group in (("hypothesis", hyp_ids, prompts.test), ("regular", reg_ids, prompts.test),
                                   ("baseline", base_ids, prompts.baseline)):
-        for prompt, token, text, ok in zip(group, ids.tolist(), _decode(model, ids), _score(task, model, ids, group)):
+        texts = _decode(model, ids)
+        for prompt, token, text, ok in zip(group, ids.tolist(), texts, _score(task, texts, group)):
             rows.append({"task": task.name, "condition": condition, "query": prompt.query.input,
                          "expected": prompt.query.output, "predicted": text, "token_id": token, "correct": ok})
     predictions = pd.DataFrame(rows)
@@ -221,8 +222,7 @@ class MainResult:
 def task_key(model_name: str, weights: str, task: Task, protocol: Protocol, prompts: PromptSet | None = None) -> str:
     """Cache key of one task's main-experiment result: model weights, task data, protocol, prompts, code."""
     return make_key(kind="main", model=model_name, weights=weights,
-                    task={"name": task.name, "compare": task.compare,
-                          "examples": [[e.input, list(e.outputs)] for e in task.examples]},
+                    task=task.identity(),
                     protocol=protocol,
                     prompts=None if prompts is None else {k: [p.to_json() for p in v] for k, v in prompts.as_dict().items()})
 

@@ -8,6 +8,7 @@ something is missing from it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import fields
 from functools import lru_cache
@@ -123,10 +124,9 @@ def dominance(name: str, result: MainResult, protocol: Protocol, pairs: Sequence
                                "in the main experiment (add it to the profile's tasks)")
         task_a, task_b = load_task(a_name), load_task(b_name)
         layer = int(best[b_name])
-        key = make_key(ANALYSIS_MODULES, kind="dominance", model=name, weights=model_fingerprint(name), a=[a_name, [
-            [e.input, list(e.outputs)] for e in task_a.examples]], b=[b_name, [[e.input, list(e.outputs)]
-                                                                              for e in task_b.examples]],
-            layer=layer, protocol=protocol, n_prompts=n_prompts, n_shots=n_shots)
+        key = make_key(ANALYSIS_MODULES, kind="dominance", model=name, weights=model_fingerprint(name),
+                       a=task_a.identity(), b=task_b.identity(), layer=layer, protocol=protocol,
+                       n_prompts=n_prompts, n_shots=n_shots)
         folder = store.path("dominance", name, key)
         if not store.has("dominance", name, key):
             table = analysis.conflicting_tasks(model(name), task_a, task_b, layer, protocol, n_prompts, n_shots)
@@ -140,7 +140,8 @@ def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | N
     store = store_for(cache_dir)
     layers = result.accuracy.set_index("task")["best_layer"].to_dict()
     key = make_key(ANALYSIS_MODULES, kind="interpretation", model=name, weights=model_fingerprint(name), layers=layers, k=top_k,
-                   vectors={t: [list(v.shape), float(v.double().sum())] for t, v in result.task_vectors.items()})
+                   vectors={t: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
+                            for t, v in result.task_vectors.items()})
     folder = store.path("interpretation", name, key)
     if not store.has("interpretation", name, key):
         table = analysis.task_vector_tokens(model(name), result.task_vectors, layers, top_k)

@@ -75,6 +75,11 @@ class Task:
             return pred in answers
         return any(answer.startswith(pred) for answer in answers)
 
+    def identity(self) -> dict:
+        """Everything about the task that decides a result (for cache keys): name, scoring, examples."""
+        return {"name": self.name, "compare": self.compare,
+                "examples": [[e.input, list(e.outputs)] for e in self.examples]}
+
     def restrict(self, examples: Iterable[Example]) -> "Task":
         """The same task over a subset of its examples (e.g. the single-token ones)."""
         return Task(self.name, self.category, self.description, self.compare, tuple(examples), self.source, self.path)
