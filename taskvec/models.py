@@ -153,6 +153,27 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def _place(source: str, device: str | None, dtype: torch.dtype | str | None) -> tuple[str, torch.dtype]:
+    """The device and dtype ``load_model`` uses: embedded models on the CPU, others on the best device."""
+    device = device or ("cpu" if source == "embedded" else default_device())
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return device, dtype or default_dtype(device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def placement(name: str, device: str | None = None, dtype: torch.dtype | str | None = None) -> tuple[str, str]:
+    """(device type, dtype name) that ``load_model(name, device, dtype)`` will use, decided without loading.
+
+    Cache keys include it: bf16 on CUDA and float32 on the CPU give different results.
+    """
+    device, dtype = _place(resolve_source(name), device, dtype)
+    return torch.device(device).type, dtype_name(dtype)
+
+
 @dataclass
 class TaskModel:
     """A causal LM wrapped for the method: nnsight model, tokenizer and architecture accessor.
@@ -186,6 +207,12 @@ class TaskModel:
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
 
+    @property
+    def placement(self) -> tuple[str, str]:
+        """(device type, dtype name) of the loaded weights, as cache keys record them."""
+        weight = next(self.hf.parameters())
+        return weight.device.type, dtype_name(weight.dtype)
+
 
 def wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str, weights_sha256: str | None = None,
          remote: bool | str = False) -> TaskModel:
@@ -204,30 +231,32 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str, weights_sha256: s
     return TaskModel(name=name, nn=nn, tokenizer=tokenizer, arch=arch, weights_sha256=weights_sha256, remote=remote)
 
 
-def load_model(name: str, device: str | None = None, dtype: torch.dtype | str | None = None) -> TaskModel:
+def load_model(name: str, device: str | None = None, dtype: torch.dtype | str | None = None,
+               revision: str | None = None) -> TaskModel:
     """Load ``name``: an embedded model, a local transformers folder, or a hub id.
 
     Embedded models run in float32 on the CPU by default. Hub ids and local folders
     go to the best available device (CUDA, then MPS, then CPU) in bf16 on CUDA and
-    float32 elsewhere, unless ``device``/``dtype`` say otherwise.
+    float32 elsewhere, unless ``device``/``dtype`` say otherwise (see :func:`placement`).
+    ``revision`` (branch, tag or commit) picks a hub model's version. A hub model is
+    cached under its id and revision, not a hash of its weights, so pin a commit sha
+    for reproducible caching: a branch such as the default ``main`` can move.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .store import model_fingerprint  # store imports this module
+
     source = resolve_source(name)
-    sha = None
+    device, dtype = _place(source, device, dtype)
     if source == "embedded":
         path, sha = embedded_path(name)
-        device = device or "cpu"
     else:
         path = Path(name).expanduser() if source == "local" else name
-        device = device or default_device()
         # Read the config first: an unsupported family fails before gigabytes load.
-        arch_for(AutoConfig.from_pretrained(path))
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        arch_for(AutoConfig.from_pretrained(path, revision=revision))
+        sha = model_fingerprint(name, revision)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     model = wrap(hf_model, tokenizer, name=name, weights_sha256=sha)
-    model.info = {"source": source, "device": str(device), "dtype": str(dtype).replace("torch.", "")}
+    model.info = {"source": source, "device": str(device), "dtype": dtype_name(dtype), "revision": revision}
     return model

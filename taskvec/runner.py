@@ -5,9 +5,11 @@
    (papermill only warns on unknown names), before any compute.
 3. Compute the shared results (the main experiment per model) once, into the cache.
 4. Execute each notebook in ``nb/`` with papermill into ``book/sections/``. An executed
-   notebook records a key of its parameters, its source and the method's code; a rerun
-   with the same key skips it. Outputs are written to a temporary file and renamed, so
-   an interrupted run never leaves a half-written notebook behind.
+   notebook records a key of its source, its parameters, the cache keys of the main
+   results it reads (model weights, placement, task data, protocol), all task data and
+   the source of every taskvec module; a rerun with the same key skips it. Outputs are
+   written to a temporary file and renamed, so an interrupted run never leaves a
+   half-written notebook behind.
 5. Build the book with Jupyter Book (warnings are errors).
 """
 
@@ -22,14 +24,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
 from .errors import SettingError, TaskvecError
-from .store import ANALYSIS_MODULES, code_version, make_key
+from .experiment import Protocol, task_key
+from .store import code_version, make_key, model_fingerprint
+from .tasks import load_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The package whose every module a notebook may import.
+PACKAGE = Path(__file__).resolve().parent
 #: Section notebooks in reading order; the last two read what the others produced.
 NOTEBOOKS = ("finding_L", "accuracy", "geometry", "dominance", "interpretation", "comparison", "provenance")
 COMMON = ("models", "tasks", "protocol", "cache_dir")
@@ -137,10 +143,31 @@ def check_parameters(profile: Profile, nb_dir: Path) -> None:
                                f"{', '.join(sorted(unknown))} (it declares {', '.join(declared)})")
 
 
-def _notebook_key(source: Path, params: dict) -> str:
-    return make_key(ANALYSIS_MODULES, kind="notebook", source=hashlib.sha256(source.read_bytes()).hexdigest(), params=params,
-                    charts=hashlib.sha256((ROOT / "taskvec" / "charts.py").read_bytes()).hexdigest(),
-                    sections=hashlib.sha256((ROOT / "taskvec" / "sections.py").read_bytes()).hexdigest())
+def results_keys(models: Sequence[str], tasks: Sequence[str], protocol: Protocol) -> dict[str, dict[str, str]]:
+    """Main-experiment cache key per model and task (``tasks`` empty: all), without loading any model."""
+    task_list = load_tasks(list(tasks) or None)
+    return {m: {t.name: task_key(m, model_fingerprint(m), t, protocol) for t in task_list} for m in models}
+
+
+def package_sources() -> str:
+    """Hash of the source of every .py file in the taskvec package."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def task_data() -> str:
+    """Hash of every task's data: a section may read tasks outside the profile (dominance pairs)."""
+    blob = json.dumps([t.identity() for t in load_tasks()], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _notebook_key(source: Path, params: dict, results: dict) -> str:
+    """Key of an executed notebook: its source and parameters, the ``results`` keys it reads
+    (see :func:`results_keys`), all task data and every module of the package."""
+    return make_key((), kind="notebook", source=hashlib.sha256(source.read_bytes()).hexdigest(), params=params,
+                    results=results, tasks=task_data(), package=package_sources())
 
 
 def _recorded(path: Path) -> dict:
@@ -225,6 +252,7 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
     main_record = [{"model": m, "tasks": len(r.accuracy), "cached_tasks": len(r.meta.get("cached_tasks", [])),
                     "compute_seconds": round(float(r.accuracy["seconds"].sum()), 1)} for m, r in shared.items()]
 
+    results = results_keys(profile.models, profile.tasks, protocol)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.ipynb"):  # temp files of a run that was killed mid-notebook
         stale.unlink()
@@ -238,7 +266,7 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
             params = {**params, "run_log": str(log_path)}
             _write_json(log_path, record)  # what provenance reads: everything before it
         source, output = nb_dir / f"{notebook}.ipynb", out_dir / f"{notebook}.ipynb"
-        key = _notebook_key(source, params)
+        key = _notebook_key(source, params, results)
         recorded = _recorded(output)
         if not force and notebook != "provenance" and recorded.get("key") == key:
             record["notebooks"][notebook] = {"seconds": recorded.get("seconds", 0.0), "cached": True}
@@ -285,4 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     except TaskvecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept instead of a traceback
+        from .store import Store
+
+        print(f"\ninterrupted: finished tasks are in the results cache at {Store(ns.cache_dir or None).root} and "
+              f"finished notebooks in {ROOT / 'book' / 'sections'};\nrerunning the same command resumes from there",
+              file=sys.stderr)
+        return 130
     return 0

@@ -1,8 +1,9 @@
 """A results cache keyed on everything that determines a result.
 
-A key is the sha256 of: the model's identity (name and weights hash), the task's data,
-the protocol (sizes, seed, format), explicit prompts if any, and the source of the
-method's code. Same settings -> same key -> reuse; any change -> new key -> recompute.
+A key is the sha256 of: the model's identity (name, weights hash, device type and dtype),
+the task's data, the protocol (sizes, seed, format), explicit prompts if any, the source
+of the method's code and the versions of torch, transformers and nnsight. Same settings
+-> same key -> reuse; any change -> new key -> recompute.
 Entries are written to a temporary folder and renamed into place, so an interrupted
 run leaves either a whole entry or none, and a rerun resumes with what was finished.
 """
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, is_dataclass
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +41,46 @@ def code_version(modules: tuple[str, ...] = METHOD_MODULES) -> str:
     return digest.hexdigest()[:16]
 
 
+#: Libraries whose version can change a result (kernels, defaults, tracing).
+LIBRARIES = ("torch", "transformers", "nnsight")
+#: Files in a model folder identified by name, size and modification time (hashing gigabytes is slow).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
 @lru_cache(maxsize=None)
-def model_fingerprint(name: str) -> str:
+def library_versions() -> dict[str, str]:
+    """Installed versions of :data:`LIBRARIES`."""
+    return {name: version(name) for name in LIBRARIES}
+
+
+@lru_cache(maxsize=None)
+def _embedded_fingerprint(name: str) -> str:
+    return sha256_file(EMBEDDED[name].locate_gguf())  # the package checks its file: slow, once per process
+
+
+def model_fingerprint(name: str, revision: str | None = None) -> str:
     """Identity of a model's weights without loading them.
 
-    Embedded: the GGUF file's sha256. Local folder: sha256 over config.json and the
-    weight files' names, sizes and modification times. Hub id: the id itself (the
-    revision the hub serves is the user's to pin).
+    Embedded: the GGUF file's sha256. Local folder: sha256 over the content of every
+    file but the weights (config, tokenizer, generation config) and the weight files'
+    names, sizes and modification times. Hub id: ``hub:<id>@<revision>`` (default
+    ``main``, a branch that can move: pin a commit sha for reproducible caching).
     """
     source = resolve_source(name)
     if source == "embedded":
-        return sha256_file(EMBEDDED[name].locate_gguf())
+        return _embedded_fingerprint(name)
     if source == "local":
-        folder = Path(name).expanduser()
-        digest = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").exists() else b"")
-        for path in sorted(folder.iterdir()):
-            if path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+        digest = hashlib.sha256()
+        for path in sorted(Path(name).expanduser().iterdir()):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix in WEIGHT_SUFFIXES:
                 stat = path.stat()
-                digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+            else:
+                digest.update(f"{path.name}:{sha256_file(path)}\0".encode())
         return digest.hexdigest()
-    return f"hub:{name}"
+    return f"hub:{name}@{revision or 'main'}"
 
 
 def _plain(value: Any) -> Any:
@@ -72,9 +94,9 @@ def _plain(value: Any) -> Any:
 
 
 def make_key(modules: tuple[str, ...] = METHOD_MODULES, **parts: Any) -> str:
-    """sha256 of the canonical JSON of ``parts`` plus the code version of ``modules``."""
-    blob = json.dumps({"code": code_version(modules), **_plain(parts)}, sort_keys=True, ensure_ascii=False,
-                      default=str)
+    """sha256 of the canonical JSON of ``parts``, the code version of ``modules`` and the library versions."""
+    blob = json.dumps({"code": code_version(modules), "libraries": library_versions(), **_plain(parts)},
+                      sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

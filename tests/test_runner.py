@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -137,3 +140,84 @@ def test_store_write_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         store.save("main", "m", "k" * 64, writer)
     assert not store.has("main", "m", "k" * 64) and not list(tmp_path.rglob("*.csv"))
+
+
+def fake_book(tmp_path, monkeypatch, profile: dict) -> tuple[list[str], Path]:
+    """An experiment file with one profile, notebooks 'executed' by recording their names (no kernel,
+    no compute), and a copy of the tasks folder in ``tmp_path`` (``TASKVEC_TASKS``) to edit."""
+    shutil.copytree(ROOT / "tasks", tmp_path / "tasks")
+    monkeypatch.setenv("TASKVEC_TASKS", str(tmp_path / "tasks"))
+    monkeypatch.setattr("taskvec.sections.main_results", lambda *a, **k: {})
+    executed = []
+
+    def execute(notebook, output, params, key, cwd):
+        executed.append(notebook.stem)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"metadata": {"taskvec": {"key": key, "seconds": 0.0}}}))
+        return 0.0
+
+    monkeypatch.setattr(runner, "execute", execute)
+    return executed, write_yaml(tmp_path, {"profiles": {"p": profile}})
+
+
+def run_accuracy(path: Path, book_root: Path) -> None:
+    runner.run("p", path, book_root=book_root, build=False, only=["accuracy"], log=lambda *_: None)
+
+
+def local_model(folder: Path) -> str:
+    """A folder that resolves as a local model (nothing loads it here)."""
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    return str(folder)
+
+
+def test_notebook_reruns_when_a_task_file_changes(tmp_path, monkeypatch):
+    executed, path = fake_book(tmp_path, monkeypatch, {**OK, "models": [local_model(tmp_path / "m")]})
+    run_accuracy(path, tmp_path)
+    run_accuracy(path, tmp_path)
+    assert executed == ["accuracy"]  # same inputs: the page is up to date
+    file = tmp_path / "tasks" / "linguistic" / "antonyms.json"
+    data = json.loads(file.read_text())
+    data["examples"] = data["examples"][:-5]
+    mtime = file.stat().st_mtime
+    file.write_text(json.dumps(data))
+    os.utime(file, (mtime + 10, mtime + 10))  # a new mtime even on a coarse clock (load_task caches on it)
+    run_accuracy(path, tmp_path)
+    assert executed == ["accuracy", "accuracy"]  # the task's data changed: re-executed
+
+
+def test_notebook_reruns_when_any_module_changes(tmp_path, monkeypatch):
+    package = tmp_path / "pkg"
+    shutil.copytree(ROOT / "taskvec", package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(runner, "PACKAGE", package)
+    executed, path = fake_book(tmp_path, monkeypatch, {**OK, "models": [local_model(tmp_path / "m")]})
+    run_accuracy(path, tmp_path)
+    run_accuracy(path, tmp_path)
+    assert executed == ["accuracy"]
+    with open(package / "paper.py", "a") as handle:  # a module no key listed before
+        handle.write("\nBEST_LAYER_RELATIVE_DEPTH = (0.2, 0.6)\n")
+    run_accuracy(path, tmp_path)
+    assert executed == ["accuracy", "accuracy"]
+
+
+def test_notebook_key_is_stable_and_tracks_the_results_it_reads(tmp_path):
+    source, params = ROOT / "nb" / "accuracy.ipynb", {"models": ["m"], "tasks": ["antonyms"], "protocol": {}}
+    results = {"m": {"antonyms": "k1"}}
+    key = runner._notebook_key(source, params, results)
+    assert runner._notebook_key(source, params, results) == key
+    assert runner._notebook_key(source, params, {"m": {"antonyms": "k2"}}) != key
+    assert runner._notebook_key(source, {**params, "protocol": {"seed": 7}}, results) != key
+
+
+def test_results_keys_are_the_keys_the_main_experiment_writes(tiny_gpt2, tmp_path):
+    """Computed without loading, from a name; the main experiment loads the model and writes the same keys."""
+    folder = tmp_path / "model"
+    tiny_gpt2.hf.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    store = Store(tmp_path / "cache")
+    keys = runner.results_keys([str(folder)], ["next_letter"], TINY)
+    assert not store.has("main", str(folder), keys[str(folder)]["next_letter"])
+    run_main_experiment(str(folder), load_tasks(["next_letter"]), TINY, progress=False, store=store)
+    assert store.has("main", str(folder), keys[str(folder)]["next_letter"])
+    (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text() + "\n")
+    assert runner.results_keys([str(folder)], ["next_letter"], TINY) != keys  # a tokenizer file changed
