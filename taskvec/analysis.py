@@ -18,15 +18,23 @@ from sklearn.metrics import silhouette_score
 
 from . import mechanism
 from .errors import SettingError
-from .experiment import Protocol, single_token_examples
+from .experiment import Protocol, Scorer, single_token_examples
 from .models import TaskModel
 from .prompts import sample_prompts
 from .tasks import Example, Task
 
 
-def common_layer(best_layers: pd.Series) -> int:
-    """One layer for analyses across tasks: the median of the tasks' best dev layers (skipped tasks ignored)."""
+def common_layer(best_layers: pd.Series, saturated: pd.Series | None = None) -> int:
+    """One layer for analyses across tasks: the median of the tasks' best dev layers.
+
+    Skipped tasks (layer -1) are ignored, and so are saturated ones (``saturated`` aligned with
+    ``best_layers``, True where the query alone does the task): their dev curve is flat, so their
+    best layer is arbitrary. If every task is saturated, all non-skipped tasks count.
+    """
     valid = best_layers[best_layers >= 0]
+    if saturated is not None:
+        informative = valid[~saturated.reindex(valid.index).fillna(False).astype(bool)]
+        valid = informative if not informative.empty else valid
     if valid.empty:
         raise SettingError("no task has a best layer (all skipped?)")
     return int(np.median(valid))
@@ -90,35 +98,70 @@ def _shared_inputs(a: Task, b: Task) -> tuple[Task, dict[str, Example]]:
     return a.restrict(e for e in a.examples if e.input in by_input), by_input
 
 
-def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, layer: int, protocol: Protocol,
-                      n_prompts: int = 50, n_shots: int = 4) -> pd.DataFrame:
+def conflict_prompts(task_a: Task, task_b: Task, n: int, n_shots: int, seed: int, split: str,
+                     n_dummies: int) -> tuple[list, list]:
+    """``n`` prompts of A (demonstrations + a query both tasks define) and, for each, a prompt of B to read θ_B.
+
+    B's prompt ``i`` never contains A's query ``i`` (not as a demonstration, query or dummy), so θ_B
+    cannot carry the answer to the very query it is patched into.
+    """
+    shared_a, _ = _shared_inputs(task_a, task_b)
+    prompts_a = sample_prompts(shared_a, n, n_shots, seed, f"conflict-{split}-A-{task_b.name}", 0)
+    prompts_b = sample_prompts(task_b, n, n_shots, seed, f"conflict-{split}-B-{task_a.name}", n_dummies,
+                               exclude=[{p.query.input} for p in prompts_a])
+    return prompts_a, prompts_b
+
+
+def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Protocol,
+                      n_prompts: int = 50, n_shots: int = 4, n_dev: int = 25) -> dict[str, pd.DataFrame]:
     """Table 2 for one pair: accuracy w.r.t. A and B, without (Regular) and with θ_B patched (Conflicting).
 
-    Prompts hold ``n_shots`` demonstrations of A and a query that both tasks define; θ_B
-    comes from separate prompts of B (its own demonstrations and dummy queries) and is
-    patched at ``layer`` into the last token of A's full prompt. Returns one row per
-    condition: pair, condition, acc_a, acc_b, n.
+    Prompts hold ``n_shots`` demonstrations of A and a query that both tasks define; θ_B comes
+    from separate prompts of B (its own demonstrations and dummy queries, never A's query) and is
+    patched into the last token of A's full prompt. The layer is chosen in this setting itself:
+    on ``n_dev`` dev prompts, every layer is tried and the earliest with the best accuracy w.r.t. B
+    is kept; the table is then scored on ``n_prompts`` held-out test prompts.
+
+    Returns ``table`` (one row per condition: task_a, task_b, condition, acc_a, acc_b, n, layer,
+    n_dev) and ``dev_curve`` (one row per layer: task_a, task_b, layer, acc_a, acc_b).
     """
     fmt = protocol.format
     if protocol.single_token:
         task_a = single_token_examples(task_a, model.tokenizer, fmt)
         task_b = single_token_examples(task_b, model.tokenizer, fmt)
-    shared_a, b_by_input = _shared_inputs(task_a, task_b)
-    prompts_a = sample_prompts(shared_a, n_prompts, n_shots, protocol.seed, f"conflict-A-{task_b.name}", 0)
-    prompts_b = sample_prompts(task_b, n_prompts, n_shots, protocol.seed, f"conflict-B-{task_a.name}",
-                               protocol.n_dummies)
-    texts = [p.regular_text(fmt) for p in prompts_a]
-    theta_b = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts_b], protocol.batch_size, "conflict θ")
+    _, b_by_input = _shared_inputs(task_a, task_b)
+    score_a = Scorer(task_a, model.tokenizer, fmt, protocol.prefix_rule)
+    score_b = Scorer(task_b, model.tokenizer, fmt, protocol.prefix_rule)
+
+    def accuracies(ids: torch.Tensor, prompts_a) -> tuple[float, float]:
+        ids_list = ids.tolist()
+        texts = [model.tokenizer.decode([i]) for i in ids_list]
+        acc_a = np.mean(score_a(ids_list, texts, [p.query for p in prompts_a]))
+        acc_b = np.mean(score_b(ids_list, texts, [b_by_input[p.query.input] for p in prompts_a]))
+        return float(acc_a), float(acc_b)
+
+    def theta(prompts_b, phase: str) -> torch.Tensor:
+        return mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts_b], protocol.batch_size, phase)
+
+    dev_a, dev_b = conflict_prompts(task_a, task_b, n_dev, n_shots, protocol.seed, "dev", protocol.n_dummies)
+    sweep = mechanism.patched_next_tokens(model, [p.regular_text(fmt) for p in dev_a], theta(dev_b, "conflict dev θ"),
+                                          range(model.n_layers), protocol.batch_size, "conflict dev sweep")
+    curve = pd.DataFrame([{"task_a": task_a.name, "task_b": task_b.name, "layer": layer,
+                           **dict(zip(("acc_a", "acc_b"), accuracies(sweep[layer], dev_a)))}
+                          for layer in range(model.n_layers)])
+    layer = int(curve["acc_b"].to_numpy().argmax())  # earliest layer among ties
+
+    test_a, test_b = conflict_prompts(task_a, task_b, n_prompts, n_shots, protocol.seed, "test", protocol.n_dummies)
+    texts = [p.regular_text(fmt) for p in test_a]
     regular = mechanism.next_tokens(model, texts, protocol.batch_size, "conflict regular")
-    patched = mechanism.patched_next_tokens(model, texts, theta_b, [layer], protocol.patch_batch_size, "conflict patch")[0]
+    patched = mechanism.patched_next_tokens(model, texts, theta(test_b, "conflict θ"), [layer],
+                                            protocol.batch_size, "conflict patch")[0]
     rows = []
     for condition, ids in (("regular", regular), ("conflicting", patched)):
-        decoded = [model.tokenizer.decode([int(i)]) for i in ids]
-        acc_a = np.mean([task_a.is_correct(t, p.query) for t, p in zip(decoded, prompts_a)])
-        acc_b = np.mean([task_b.is_correct(t, b_by_input[p.query.input]) for t, p in zip(decoded, prompts_a)])
-        rows.append({"task_a": task_a.name, "task_b": task_b.name, "condition": condition,
-                     "acc_a": float(acc_a), "acc_b": float(acc_b), "n": len(prompts_a), "layer": layer})
-    return pd.DataFrame(rows)
+        acc_a, acc_b = accuracies(ids, test_a)
+        rows.append({"task_a": task_a.name, "task_b": task_b.name, "condition": condition, "acc_a": acc_a,
+                     "acc_b": acc_b, "n": len(test_a), "layer": layer, "n_dev": n_dev})
+    return {"table": pd.DataFrame(rows), "dev_curve": curve}
 
 
 # --- interpretation: θ in the vocabulary --------------------------------------------

@@ -13,6 +13,14 @@ import pandas as pd
 CONDITIONS = ["baseline_acc", "hypothesis_acc", "regular_acc"]
 CONDITION_NAMES = {"baseline_acc": "Baseline", "hypothesis_acc": "Hypothesis", "regular_acc": "Regular"}
 CONDITION_COLORS = alt.Scale(domain=list(CONDITION_NAMES.values()), range=["#9e9e9e", "#e45756", "#4c78a8"])
+SATURATED_MARK = " (saturated)"
+
+
+def task_labels(frame: pd.DataFrame) -> pd.Series:
+    """Task names, with SATURATED_MARK after those the query alone already does (column ``saturated``)."""
+    if "saturated" not in frame:
+        return frame["task"]
+    return frame["task"] + frame["saturated"].fillna(False).astype(bool).map({True: SATURATED_MARK, False: ""})
 
 
 def finding_layer(curves: pd.DataFrame) -> alt.Chart:
@@ -21,7 +29,7 @@ def finding_layer(curves: pd.DataFrame) -> alt.Chart:
     Two panels, stacked: layer index, and relative depth (layer / (n_layers - 1)) so models of different
     depth line up. Click a task in the legend to highlight it.
     """
-    data = curves.copy()
+    data = curves.assign(task=task_labels(curves))
     mean = (data.groupby(["model", "layer", "relative_depth"], as_index=False)["dev_acc"].mean()
             .assign(task="mean over tasks"))
     pick = alt.selection_point(fields=["task"], bind="legend")
@@ -48,6 +56,7 @@ def finding_layer(curves: pd.DataFrame) -> alt.Chart:
 
 def accuracy_bars(table: pd.DataFrame) -> alt.Chart:
     """Fig. 4: Baseline / Hypothesis / Regular accuracy per task (one row of bars per model)."""
+    table = table.assign(task=task_labels(table))
     long = table.melt(id_vars=["model", "task", "category", "best_layer"], value_vars=CONDITIONS,
                       var_name="condition", value_name="accuracy").dropna(subset=["accuracy"])
     long["condition"] = long["condition"].map(CONDITION_NAMES)
@@ -68,6 +77,7 @@ def accuracy_bars(table: pd.DataFrame) -> alt.Chart:
 def tsne_scatter(points: pd.DataFrame) -> alt.Chart:
     """Fig. 5: t-SNE of task vectors, one colour per task; click a task in the legend to isolate it."""
     pick = alt.selection_point(fields=["task"], bind="legend")
+    points = points.assign(task=task_labels(points))
     return alt.Chart(points).mark_point(filled=True, size=30).encode(
         x=alt.X("x:Q", title="t-SNE 1", axis=alt.Axis(labels=False, ticks=False)),
         y=alt.Y("y:Q", title="t-SNE 2", axis=alt.Axis(labels=False, ticks=False)),
@@ -137,3 +147,20 @@ def comparison_dots(table: pd.DataFrame) -> alt.Chart:
 def table(frame: pd.DataFrame, digits: int = 2):
     """A table for the book: no index column, floats rounded to ``digits``."""
     return frame.style.hide(axis="index").format(precision=digits)
+
+
+def dominance_layers(curve: pd.DataFrame) -> alt.Chart:
+    """Per pair: accuracy w.r.t. A and B on dev prompts, with θ_B patched at each layer (the layer sweep
+    that picks the conflicting layer)."""
+    data = curve.assign(pair=curve["task_a"] + " | θ " + curve["task_b"]).melt(
+        id_vars=["model", "pair", "layer"], value_vars=["acc_a", "acc_b"], var_name="scored_as", value_name="accuracy")
+    data["scored_as"] = data["scored_as"].map({"acc_a": "task A (demonstrations)", "acc_b": "task B (θ)"})
+    return alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("layer:Q", title="layer L where θ of B is patched"),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="dev accuracy"),
+        color=alt.Color("scored_as:N", scale=alt.Scale(range=["#4c78a8", "#e45756"]),
+                        legend=alt.Legend(title="accuracy with respect to", orient="bottom")),
+        strokeDash=alt.StrokeDash("model:N", legend=alt.Legend(title="model", orient="bottom")),
+        facet=alt.Facet("pair:N", columns=3, title=None),
+        tooltip=["model:N", "pair:N", "layer:Q", "scored_as:N", alt.Tooltip("accuracy:Q", format=".2f")],
+    ).properties(width=190, height=120)

@@ -25,10 +25,31 @@ from tqdm import tqdm  # not tqdm.auto: no widget warning inside notebooks
 
 from . import mechanism
 from .errors import SettingError
-from .models import TaskModel, load_model
+from .models import TaskModel, load_model, placement
 from .store import Store, make_key, model_fingerprint
 from .prompts import FewShotPrompt, PromptFormat, sample_prompts, sample_queries
 from .tasks import Example, Task
+
+
+#: Scoring rules for "prefix" tasks (knowledge: answers of several tokens, only the first is predicted).
+#: ``first_token`` (the default): the predicted token must be the answer's first token as the tokenizer
+#: writes it after the query line, so ``S`` is not ``South America``. ``lenient`` (the original code's
+#: rule): an accepted answer starts with the stripped predicted text, so one letter can count.
+PREFIX_RULES = ("first_token", "lenient")
+
+#: A task is *saturated* when the query alone already does it about as well as in-context learning:
+#: Baseline at least SATURATED_MIN_BASELINE and within SATURATED_GAP of Regular. Its dev curve is then
+#: flat (patching anything anywhere keeps the query's own answer), so its best layer says nothing
+#: about where θ lives; tables and charts mark it.
+SATURATED_MIN_BASELINE = 0.5
+SATURATED_GAP = 0.1
+
+
+def is_saturated(baseline_acc: float, regular_acc: float) -> bool:
+    """Whether the query alone already does the task about as well as ICL (see SATURATED_GAP)."""
+    if math.isnan(baseline_acc) or math.isnan(regular_acc):
+        return False
+    return baseline_acc >= SATURATED_MIN_BASELINE and regular_acc - baseline_acc < SATURATED_GAP
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,7 @@ class Protocol:
     template: str = "example:{x}->{y}"  # one demonstration; the query line ends before {y}
     separator: str = "\n"  # between demonstrations
     single_token: bool = True  # keep only examples whose answer is one token ("exact" tasks)
+    prefix_rule: str = "first_token"  # how "prefix" (knowledge) tasks are scored: see Scorer
     batch_size: int = 64  # rows per forward pass for full prompts
     patch_batch_size: int = 256  # rows per forward pass in the layer sweep (short query-only prompts)
 
@@ -51,6 +73,8 @@ class Protocol:
         for name in ("n_shots", "n_dev", "n_test", "n_baseline", "n_dummies", "batch_size", "patch_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise SettingError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.prefix_rule not in PREFIX_RULES:
+            raise SettingError(f"Protocol.prefix_rule must be one of {', '.join(PREFIX_RULES)}, got {self.prefix_rule!r}")
         PromptFormat(self.template, self.separator)  # validates the template
 
     @property
@@ -114,6 +138,19 @@ class PromptSet:
         return {"dev": self.dev, "test": self.test, "baseline": self.baseline}
 
 
+def write_records(path: Path, frame: pd.DataFrame) -> None:
+    """One JSON object per row: round-trips any string (``\\r``, ``,``, quotes) and keeps types."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in frame.to_dict(orient="records"):
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_records(path: Path) -> pd.DataFrame:
+    """The table :func:`write_records` wrote."""
+    with open(path, encoding="utf-8") as handle:
+        return pd.DataFrame([json.loads(line) for line in handle.read().split("\n") if line])
+
+
 @dataclass
 class TaskResult:
     task: str
@@ -130,14 +167,13 @@ class TaskResult:
 
     def save(self, folder: Path) -> None:
         (folder / "result.json").write_text(json.dumps({k: getattr(self, k) for k in self._FIELDS}, indent=1))
-        self.predictions.to_csv(folder / "predictions.csv", index=False)
+        write_records(folder / "predictions.jsonl", self.predictions)
         save_file({"test_vectors": self.test_vectors.contiguous()}, folder / "test_vectors.safetensors")
 
     @classmethod
     def load(cls, folder: Path) -> "TaskResult":
         fields_ = json.loads((folder / "result.json").read_text())
-        predictions = pd.read_csv(folder / "predictions.csv", keep_default_na=False,
-                                  dtype={"query": str, "expected": str, "predicted": str})
+        predictions = read_records(folder / "predictions.jsonl")
         vectors = load_file(folder / "test_vectors.safetensors")["test_vectors"]
         return cls(**fields_, predictions=predictions, test_vectors=vectors)
 
@@ -146,8 +182,55 @@ def _decode(model: TaskModel, ids: torch.Tensor) -> list[str]:
     return [model.tokenizer.decode([int(i)]) for i in ids]
 
 
-def _score(task: Task, texts: Sequence[str], prompts: Sequence[FewShotPrompt]) -> list[bool]:
-    return [task.is_correct(text, p.query) for text, p in zip(texts, prompts)]
+class Scorer:
+    """Scores predicted next tokens of one task against accepted answers.
+
+    ``exact`` tasks: the decoded token, stripped, equals an accepted answer (the single-token
+    filter guarantees the answer is one token). ``prefix`` tasks, under ``rule``:
+    ``first_token`` compares token ids with the first token of each accepted answer as the
+    tokenizer writes it right after the query line (``example:France->`` + ``Paris``), so a
+    predicted ``S`` or `` S`` is not ``South America``; ``lenient`` is the original rule, an
+    accepted answer starting with the stripped predicted text.
+    """
+
+    def __init__(self, task: Task, tokenizer, fmt: PromptFormat, rule: str = "first_token") -> None:
+        if rule not in PREFIX_RULES:
+            raise SettingError(f"unknown prefix rule {rule!r} (expected one of {', '.join(PREFIX_RULES)})")
+        self.task, self.tokenizer, self.fmt, self.rule = task, tokenizer, fmt, rule
+        self._first: dict[tuple[str, tuple[str, ...]], frozenset[int]] = {}
+
+    def first_tokens(self, example: Example) -> frozenset[int]:
+        """Token ids that start an accepted answer of ``example`` after its query line."""
+        key = (example.input, example.outputs)
+        if key not in self._first:
+            context = self.fmt.query(example.input)
+            ctx_ids = self.tokenizer(context).input_ids
+            firsts = set()
+            for answer in example.outputs:
+                full = self.tokenizer(context + answer).input_ids
+                # The first position where the answer's tokens start (a merge across the boundary
+                # would change the context's last token: the answer then starts there).
+                i = next((j for j, (a, b) in enumerate(zip(ctx_ids, full)) if a != b), len(ctx_ids))
+                if i < len(full):
+                    firsts.add(int(full[i]))
+            self._first[key] = frozenset(firsts)
+        return self._first[key]
+
+    def lenient(self, texts: Sequence[str], examples: Sequence[Example]) -> list[bool]:
+        """The text rule: exact match, or for prefix tasks an answer starting with the prediction."""
+        return [self.task.is_correct(text, ex) for text, ex in zip(texts, examples)]
+
+    def first_token(self, ids: Sequence[int], texts: Sequence[str], examples: Sequence[Example]) -> list[bool]:
+        """The token rule for prefix tasks (exact tasks: as :meth:`lenient`)."""
+        if self.task.compare != "prefix":
+            return self.lenient(texts, examples)
+        return [int(i) in self.first_tokens(ex) for i, ex in zip(ids, examples)]
+
+    def __call__(self, ids: Sequence[int], texts: Sequence[str], examples: Sequence[Example]) -> list[bool]:
+        """Correct or not under this scorer's rule."""
+        if self.rule == "lenient":
+            return self.lenient(texts, examples)
+        return self.first_token(ids, texts, examples)
 
 
 def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSet | None = None,
@@ -163,8 +246,10 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSe
     phase("dev: layer sweep")
     sweep = mechanism.patched_next_tokens(
         model, [q.query_text(fmt) for q in prompts.dev], dev_vectors, range(model.n_layers), p.patch_batch_size, "dev sweep")
-    dev_correct = torch.tensor([_score(task, _decode(model, sweep[layer]), prompts.dev) for layer in range(model.n_layers)],
-                               dtype=torch.float32)
+    score = Scorer(task, model.tokenizer, fmt, p.prefix_rule)
+    dev_queries = [q.query for q in prompts.dev]
+    dev_correct = torch.tensor([score(sweep[layer].tolist(), _decode(model, sweep[layer]), dev_queries)
+                                for layer in range(model.n_layers)], dtype=torch.float32)
     dev_accuracy = dev_correct.mean(dim=1)
     best_layer = int(dev_accuracy.argmax())  # earliest layer among ties
 
@@ -181,10 +266,13 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSe
     rows = []
     for condition, ids, group in (("hypothesis", hyp_ids, prompts.test), ("regular", reg_ids, prompts.test),
                                   ("baseline", base_ids, prompts.baseline)):
-        texts = _decode(model, ids)
-        for prompt, token, text, ok in zip(group, ids.tolist(), texts, _score(task, texts, group)):
+        texts, tokens, queries = _decode(model, ids), ids.tolist(), [q.query for q in group]
+        by_rule = {"first_token": score.first_token(tokens, texts, queries), "lenient": score.lenient(texts, queries)}
+        for i, prompt in enumerate(group):
             rows.append({"task": task.name, "condition": condition, "query": prompt.query.input,
-                         "expected": prompt.query.output, "predicted": text, "token_id": token, "correct": ok})
+                         "expected": prompt.query.output, "predicted": texts[i], "token_id": tokens[i],
+                         "correct": by_rule[p.prefix_rule][i], "correct_first_token": by_rule["first_token"][i],
+                         "correct_lenient": by_rule["lenient"][i]})
     predictions = pd.DataFrame(rows)
     acc = predictions.groupby("condition")["correct"].mean()
     return TaskResult(
@@ -200,8 +288,9 @@ class MainResult:
     """Tidy tables of the main experiment.
 
     ``accuracy``: one row per task (task, category, n_usable, best_layer, baseline_acc,
-    hypothesis_acc, regular_acc, seconds). ``dev_curve``: one row per task and layer
-    (task, layer, relative_depth, dev_acc). ``predictions``: one row per scored prompt.
+    hypothesis_acc, regular_acc, saturated, seconds). ``dev_curve``: one row per task and layer
+    (task, layer, relative_depth, dev_acc, saturated). ``saturated`` marks tasks the query alone
+    already does (see :func:`is_saturated`): their best layer is not evidence of where θ lives. ``predictions``: one row per scored prompt.
     ``task_vectors``: task -> (n_test, n_layers, d_model) θ of the test prompts.
     """
 
@@ -219,9 +308,13 @@ class MainResult:
         return self.accuracy[["baseline_acc", "hypothesis_acc", "regular_acc"]].mean()
 
 
-def task_key(model_name: str, weights: str, task: Task, protocol: Protocol, prompts: PromptSet | None = None) -> str:
-    """Cache key of one task's main-experiment result: model weights, task data, protocol, prompts, code."""
-    return make_key(kind="main", model=model_name, weights=weights,
+def task_key(model_name: str, weights: str, task: Task, protocol: Protocol, prompts: PromptSet | None = None,
+             *, device: str | None = None, dtype: str | None = None) -> str:
+    """Cache key of one task's main-experiment result: model weights, device type and dtype, task data,
+    protocol, prompts, code. ``device``/``dtype`` left out: where ``load_model(model_name)`` puts it."""
+    if device is None or dtype is None:
+        device, dtype = placement(model_name, device, dtype)
+    return make_key(kind="main", model=model_name, weights=weights, device=device, dtype=dtype,
                     task=task.identity(),
                     protocol=protocol,
                     prompts=None if prompts is None else {k: [p.to_json() for p in v] for k, v in prompts.as_dict().items()})
@@ -239,19 +332,22 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
     With ``protocol.single_token`` (the default) exact-match tasks are first
     restricted to examples whose answer is one token for this model's tokenizer; a
     task left with too few examples for one prompt is skipped with a warning (NaN row,
-    ``best_layer`` -1).
+    ``best_layer`` -1), and the skip is cached like a result.
     """
     protocol = protocol or Protocol()
     fmt = protocol.format
     need = protocol.n_shots + 1 + protocol.n_dummies
     prompts = prompts or {}
     name = model if isinstance(model, str) else model.name
-    weights = None
+    weights = device = dtype = None
     if store:
         weights = model_fingerprint(model) if isinstance(model, str) else model.weights_sha256
         if not weights:
             raise ValueError(f"model {name!r} has no weights hash; caching needs one (TaskModel.weights_sha256)")
-    keys = {t.name: task_key(name, weights, t, protocol, prompts.get(t.name)) for t in tasks} if store else {}
+        if not isinstance(model, str):
+            device, dtype = model.placement
+    keys = {t.name: task_key(name, weights, t, protocol, prompts.get(t.name), device=device, dtype=dtype)
+            for t in tasks} if store else {}
     cached = {t.name for t in tasks if store and store.has("main", name, keys[t.name])}
     loaded: list[TaskModel] = [] if isinstance(model, str) else [model]
 
@@ -276,17 +372,25 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
     bar = tqdm(tasks, desc=f"main experiment ({name})", unit="task", disable=not progress)
     for task in bar:
         task_prompts = prompts.get(task.name)
+        skipped = {"task": task.name, "category": task.category, "n_examples": len(task), "best_layer": -1,
+                   "baseline_acc": math.nan, "hypothesis_acc": math.nan, "regular_acc": math.nan,
+                   "saturated": False, "seconds": 0.0}
         if task.name in cached:
             folder = store.path("main", name, keys[task.name])
+            meta_ = json.loads((folder / "meta.json").read_text())
+            n_usable = meta_["n_usable"]
+            if meta_.get("skipped"):  # too small for this tokenizer: cached too, so a rerun loads no model
+                acc_rows.append({**skipped, "n_usable": n_usable})
+                continue
             result = TaskResult.load(folder)
-            n_usable = json.loads((folder / "meta.json").read_text())["n_usable"]
         else:
             usable = usable_tasks[task.name]
             n_usable = len(usable)
             if task_prompts is None and n_usable < need:
-                acc_rows.append({"task": task.name, "category": task.category, "n_examples": len(task),
-                                 "n_usable": n_usable, "best_layer": -1, "baseline_acc": math.nan,
-                                 "hypothesis_acc": math.nan, "regular_acc": math.nan, "seconds": 0.0})
+                acc_rows.append({**skipped, "n_usable": n_usable})
+                if store:
+                    store.save("main", name, keys[task.name], lambda folder, n=n_usable: (folder / "meta.json").write_text(
+                        json.dumps({"n_usable": n, "model": name, "skipped": True})))
                 continue
             result = run_task(get_model(), usable, protocol, task_prompts,
                               on_phase=lambda phase, t=task.name: bar.set_postfix_str(f"{t}: {phase}"))
@@ -296,15 +400,16 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
                     (folder / "meta.json").write_text(json.dumps({"n_usable": n_usable, "model": name}))
                 store.save("main", name, keys[task.name], write)
         n_layers = len(result.dev_accuracy)
+        saturated = is_saturated(result.baseline_acc, result.regular_acc)
         acc_rows.append({
             "task": task.name, "category": task.category, "n_examples": len(task), "n_usable": n_usable,
             "best_layer": result.best_layer, "baseline_acc": result.baseline_acc,
             "hypothesis_acc": result.hypothesis_acc, "regular_acc": result.regular_acc,
-            "seconds": round(result.seconds, 2),
+            "saturated": saturated, "seconds": round(result.seconds, 2),
         })
         for layer, value in enumerate(result.dev_accuracy):
-            curve_rows.append({"task": task.name, "layer": layer,
-                               "relative_depth": layer / max(n_layers - 1, 1), "dev_acc": value})
+            curve_rows.append({"task": task.name, "layer": layer, "relative_depth": layer / max(n_layers - 1, 1),
+                               "dev_acc": value, "saturated": saturated})
         preds.append(result.predictions)
         vectors[task.name] = result.test_vectors
     meta = {"weights_sha256": weights or getattr(model, "weights_sha256", None),

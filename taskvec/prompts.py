@@ -92,19 +92,29 @@ def _rng(seed: int, task: str, split: str) -> random.Random:
 
 
 def sample_prompts(task: Task, n: int, n_shots: int = 5, seed: int = 41, split: str = "test",
-                   n_dummies: int = 2) -> list[FewShotPrompt]:
+                   n_dummies: int = 2, exclude: Sequence[Iterable[str]] | None = None) -> list[FewShotPrompt]:
     """``n`` prompts, each with ``n_shots`` demonstrations, a query and ``n_dummies`` dummy queries.
 
     Within a prompt all examples are distinct. Different prompts may share a query
-    (the letter tasks have only 25 inputs).
+    (the letter tasks have only 25 inputs). ``exclude[i]``: inputs that prompt ``i`` must not
+    contain anywhere (e.g. another prompt's query, so nothing of it leaks into this one).
     """
     need = n_shots + 1 + n_dummies
     if len(task.examples) < need:
         raise SettingError(f"task {task.name!r} has {len(task.examples)} examples; a prompt needs {need}")
+    if exclude is not None and len(exclude) != n:
+        raise ValueError(f"exclude needs one set of inputs per prompt ({n}), got {len(exclude)}")
     rng = _rng(seed, task.name, split)
     prompts = []
-    for _ in range(n):
-        picked = rng.sample(task.examples, need)
+    for i in range(n):
+        pool = task.examples
+        if exclude is not None:
+            banned = set(exclude[i])
+            pool = [e for e in task.examples if e.input not in banned]
+            if len(pool) < need:
+                raise SettingError(f"task {task.name!r}: prompt {i} needs {need} examples, "
+                                   f"{len(pool)} are left after excluding {sorted(banned)}")
+        picked = rng.sample(pool, need)
         prompts.append(FewShotPrompt(task.name, tuple(picked[:n_shots]), picked[n_shots], tuple(picked[n_shots + 1:])))
     return prompts
 

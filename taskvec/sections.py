@@ -20,7 +20,7 @@ import pandas as pd
 from . import analysis
 from .errors import SettingError
 from .experiment import MainResult, Protocol, run_main_experiment
-from .models import TaskModel, load_model
+from .models import TaskModel, load_model, placement
 from .store import ANALYSIS_MODULES, Store, make_key, model_fingerprint
 from .tasks import load_task, load_tasks
 
@@ -96,50 +96,73 @@ def averages(results: dict[str, MainResult]) -> pd.DataFrame:
     return table
 
 
+def analysis_layers(result: MainResult) -> tuple[dict[str, int], int]:
+    """The layer each task's θ is read at outside the main experiment, and the common layer.
+
+    A task's own best dev layer, except for saturated tasks (the query alone already does them,
+    so their flat dev curve makes the argmax arbitrary): they use the common layer, the median
+    best layer of the other tasks (:func:`taskvec.analysis.common_layer`).
+    """
+    acc = result.accuracy.set_index("task")
+    common = analysis.common_layer(acc["best_layer"], acc["saturated"])
+    layers = {t: (common if row.saturated and row.best_layer >= 0 else int(row.best_layer))
+              for t, row in acc.iterrows()}
+    return layers, common
+
+
 def geometry(result: MainResult, seed: int = 41, perplexity: float = 30.0) -> dict:
-    """t-SNE points, pairwise cosine distances and the silhouette score at the median best layer."""
-    layer = analysis.common_layer(result.accuracy["best_layer"])
+    """t-SNE points, pairwise cosine distances and the silhouette score at the common layer
+    (median best layer of the non-saturated tasks)."""
+    _, layer = analysis_layers(result)
     vectors = {t: v for t, v in result.task_vectors.items() if v.shape[0] > 1}
     categories = result.accuracy.set_index("task")["category"]
     points = analysis.tsne_embedding(vectors, layer, seed, perplexity)
     points["category"] = points["task"].map(categories)
+    points["saturated"] = points["task"].map(result.accuracy.set_index("task")["saturated"]).astype(bool)
     distances = analysis.cosine_distances(vectors, layer)
     summary = distances.groupby("pair")["distance"].agg(["mean", "median", "count"]).reset_index()
     return {"layer": layer, "points": points, "distances": distances, "distance_summary": summary,
             "silhouette": analysis.cluster_quality(vectors, layer)}
 
 
-def dominance(name: str, result: MainResult, protocol: Protocol, pairs: Sequence[Sequence[str]],
-              n_prompts: int, n_shots: int, cache_dir: str | None = None) -> pd.DataFrame:
-    """The conflicting-tasks table for ``pairs`` (task A, task B) on model ``name``, cached.
+def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_prompts: int, n_shots: int,
+              n_dev: int, cache_dir: str | None = None) -> dict[str, pd.DataFrame]:
+    """The conflicting-tasks table for ``pairs`` (task A, task B) on model ``name``, cached per pair.
 
-    θ_B is patched at task B's best dev layer from the main experiment.
+    The layer θ_B is patched at is chosen per pair on ``n_dev`` dev prompts of the conflicting
+    setting itself (accuracy w.r.t. B), then the table is scored on ``n_prompts`` test prompts.
+    Returns ``table`` and ``dev_curve`` (see :func:`taskvec.analysis.conflicting_tasks`).
     """
     store = store_for(cache_dir)
-    best = result.accuracy.set_index("task")["best_layer"]
-    frames = []
+    tables, curves = [], []
     for a_name, b_name in pairs:
-        if best.get(b_name, -1) < 0:
-            raise SettingError(f"dominance pair ({a_name}, {b_name}): task {b_name!r} has no best layer "
-                               "in the main experiment (add it to the profile's tasks)")
         task_a, task_b = load_task(a_name), load_task(b_name)
-        layer = int(best[b_name])
         key = make_key(ANALYSIS_MODULES, kind="dominance", model=name, weights=model_fingerprint(name),
-                       a=task_a.identity(), b=task_b.identity(), layer=layer, protocol=protocol,
-                       n_prompts=n_prompts, n_shots=n_shots)
+                       placement=placement(name),
+                       a=task_a.identity(), b=task_b.identity(), protocol=protocol,
+                       n_prompts=n_prompts, n_shots=n_shots, n_dev=n_dev)
         folder = store.path("dominance", name, key)
         if not store.has("dominance", name, key):
-            table = analysis.conflicting_tasks(model(name), task_a, task_b, layer, protocol, n_prompts, n_shots)
-            folder = store.save("dominance", name, key, lambda f, t=table: t.to_csv(f / "table.csv", index=False))
-        frames.append(pd.read_csv(folder / "table.csv"))
-    return pd.concat(frames, ignore_index=True)
+            out = analysis.conflicting_tasks(model(name), task_a, task_b, protocol, n_prompts, n_shots, n_dev)
+
+            def write(f, out=out):
+                out["table"].to_csv(f / "table.csv", index=False)
+                out["dev_curve"].to_csv(f / "dev_curve.csv", index=False)
+            folder = store.save("dominance", name, key, write)
+        tables.append(pd.read_csv(folder / "table.csv"))
+        curves.append(pd.read_csv(folder / "dev_curve.csv"))
+    return {"table": pd.concat(tables, ignore_index=True), "dev_curve": pd.concat(curves, ignore_index=True)}
 
 
 def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | None = None) -> pd.DataFrame:
-    """Top tokens of each task's mean θ at its best layer (cached)."""
+    """Top tokens of each task's mean θ at its analysis layer (cached); see :func:`analysis_layers`.
+
+    Columns task, layer, rank, token, logit, saturated.
+    """
     store = store_for(cache_dir)
-    layers = result.accuracy.set_index("task")["best_layer"].to_dict()
-    key = make_key(ANALYSIS_MODULES, kind="interpretation", model=name, weights=model_fingerprint(name), layers=layers, k=top_k,
+    layers, _ = analysis_layers(result)
+    key = make_key(ANALYSIS_MODULES, kind="interpretation", model=name, weights=model_fingerprint(name),
+                   placement=placement(name), layers=layers, k=top_k,
                    vectors={t: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
                             for t, v in result.task_vectors.items()})
     folder = store.path("interpretation", name, key)
@@ -147,20 +170,46 @@ def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | N
         table = analysis.task_vector_tokens(model(name), result.task_vectors, layers, top_k)
         folder = store.save("interpretation", name, key,
                             lambda f: table.to_json(f / "tokens.json", orient="records", force_ascii=False))
-    return pd.DataFrame(json.loads((folder / "tokens.json").read_text()))
+    tokens = pd.DataFrame(json.loads((folder / "tokens.json").read_text()))
+    saturated = result.accuracy.set_index("task")["saturated"]
+    return tokens.assign(saturated=tokens["task"].map(saturated).fillna(False).astype(bool))
+
+
+def prefix_scoring(results: dict[str, MainResult]) -> pd.DataFrame:
+    """Prefix (knowledge) tasks scored both ways from the same predictions: per model, task and
+    condition, accuracy under the ``first_token`` rule and under the original ``lenient`` rule."""
+    frames = []
+    for name, result in results.items():
+        preds = result.predictions
+        if preds.empty:
+            continue
+        compare = {t.name: t.compare for t in load_tasks(list(preds["task"].unique()))}
+        prefix = preds[preds["task"].map(compare) == "prefix"]
+        if prefix.empty:
+            continue
+        table = prefix.groupby(["task", "condition"], sort=False)[["correct_first_token", "correct_lenient"]].mean()
+        frames.append(table.reset_index().rename(columns={"correct_first_token": "first_token",
+                                                          "correct_lenient": "lenient"}).assign(model=name))
+    if not frames:
+        return pd.DataFrame(columns=["model", "task", "condition", "first_token", "lenient"])
+    return pd.concat(frames, ignore_index=True)[["model", "task", "condition", "first_token", "lenient"]]
 
 
 def layer_peaks(curves: pd.DataFrame) -> pd.DataFrame:
     """Per model: the layer with the best mean dev accuracy over tasks, its relative depth and accuracy,
-    and the mean accuracy at the first and last layers (``edge_acc``)."""
+    the mean accuracy at the first and last layers (``edge_acc``), and the saturated tasks (the query
+    alone does them) with the layer the paper's rule gave them (``saturated_layers``)."""
     rows = []
     for name, group in curves.groupby("model", sort=False):
         mean = group.groupby("layer")["dev_acc"].mean()
         peak = int(mean.idxmax())
         n_layers = int(group["n_layers"].iloc[0])
+        saturated = group[group["saturated"]].groupby("task", sort=False)["dev_acc"].apply(
+            lambda s: int(s.to_numpy().argmax()))
         rows.append({"model": name, "n_layers": n_layers, "n_tasks": group["task"].nunique(), "peak_layer": peak,
                      "peak_depth": peak / max(n_layers - 1, 1), "peak_acc": float(mean.max()),
-                     "edge_acc": float((mean.iloc[0] + mean.iloc[-1]) / 2)})
+                     "edge_acc": float((mean.iloc[0] + mean.iloc[-1]) / 2),
+                     "saturated_layers": ", ".join(f"{t} (L={l})" for t, l in saturated.items()) or "none"})
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,47 @@
+"""Dominance (conflicting tasks): no leakage of A's query into θ_B, and the layer chosen in the
+conflicting setting itself, on dev prompts, rather than borrowed from the main experiment."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskvec.analysis import conflict_prompts, conflicting_tasks
+from taskvec.experiment import Protocol
+from taskvec.tasks import load_task
+
+
+@pytest.mark.parametrize("pair", [("prev_letter", "next_letter"), ("next_letter", "to_upper"),
+                                  ("list_last", "list_first")])
+def test_theta_of_b_never_sees_the_query_it_is_patched_into(pair):
+    a, b = (load_task(n) for n in pair)
+    for split in ("dev", "test"):
+        prompts_a, prompts_b = conflict_prompts(a, b, 50, 4, 41, split, 2)
+        assert len(prompts_a) == len(prompts_b) == 50
+        for pa, pb in zip(prompts_a, prompts_b):
+            seen = {e.input for e in (*pb.demonstrations, pb.query, *pb.dummy_queries)}
+            assert pa.query.input not in seen, (split, pa.query, pb)
+            assert pa.query.input in {e.input for e in b.examples}  # a query both tasks define
+
+
+def test_dev_and_test_prompts_differ():
+    a, b = load_task("list_last"), load_task("list_first")
+    dev, _ = conflict_prompts(a, b, 20, 4, 41, "dev", 2)
+    test, _ = conflict_prompts(a, b, 20, 4, 41, "test", 2)
+    assert [p.query for p in dev] != [p.query for p in test]
+
+
+def test_conflicting_layer_is_chosen_where_theta_of_b_wins(real_model):
+    """list_first is saturated in the main experiment (its best dev layer there is 0-2, where θ does
+    nothing: accuracy w.r.t. B was 0.0 at layers 0, 2 and 5). Chosen in the conflicting setting, the
+    layer lands mid-network and the model follows B. Observed (seed 41, these sizes): layer 11,
+    Regular A 1.0, Conflicting B 1.0."""
+    out = conflicting_tasks(real_model, load_task("list_last"), load_task("list_first"), Protocol(),
+                            n_prompts=12, n_shots=4, n_dev=8)
+    table, curve = out["table"].set_index("condition"), out["dev_curve"]
+    layer = int(table.loc["conflicting", "layer"])
+    assert layer == int(curve["acc_b"].idxmax()) and curve.loc[layer, "acc_b"] == curve["acc_b"].max()
+    assert curve.loc[:2, "acc_b"].max() <= 0.2  # early layers: θ of B is overridden (observed 0.0)
+    assert 5 <= layer <= 13
+    assert table.loc["regular", "acc_a"] >= 0.6  # without the patch the model follows A (observed 1.0)
+    assert table.loc["conflicting", "acc_b"] >= 0.6  # with θ_B it follows B (observed 1.0)
+    assert table.loc["conflicting", "acc_a"] <= 0.3
