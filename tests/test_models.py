@@ -51,9 +51,18 @@ def test_prompt_file_missing_a_split_is_rejected_by_the_cli(tmp_path):
 
 
 def test_wrap_keeps_the_model_on_its_device():
-    hf = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    """A model on the "meta" device (not the CPU, not the accelerator nnsight would pick) must stay there.
+
+    nnsight moves a model it is not told the device of (to cuda:0 when there is one), and a
+    meta model cannot be moved at all: wrap without ``device=`` raises here, and a wrap that
+    forced "cpu" or "cuda" would raise or move it, so this fails on a CPU-only machine too.
+    """
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
     model = wrap(hf, char_tokenizer(), "tiny-llama")
-    assert model.device == torch.device("cpu") and next(model.nn._module.parameters()).device.type == "cpu"
+    assert model.hf is hf
+    assert model.device == torch.device("meta")
+    assert {p.device.type for p in model.nn._module.parameters()} == {"meta"}
 
 
 def test_unknown_task_and_bad_size_are_rejected_by_the_cli():
