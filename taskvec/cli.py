@@ -2,6 +2,8 @@
 
 Every argument (model name, task names, sizes, prompt file) is checked before a
 model loads, so a typo fails in a second rather than after minutes of compute.
+``main`` keeps each finished task in the results cache, so an interrupted run
+(Ctrl-C) resumes where it stopped when the same command is run again.
 """
 
 from __future__ import annotations
@@ -19,12 +21,25 @@ from .models import resolve_source
 from .tasks import load_tasks
 
 
+TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def boolean(text: str) -> bool:
+    """A flag's value: true/yes/1 or false/no/0 (any case); anything else is an error, not False."""
+    word = text.strip().lower()
+    if word in TRUE:
+        return True
+    if word in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false (or yes/no, 1/0), got {text!r}")
+
+
 def _protocol_args(parser: argparse.ArgumentParser) -> None:
     for f in fields(Protocol):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
-                                help=f"(default {f.default})")
+            parser.add_argument(flag, type=boolean, default=f.default, metavar="{true,false}",
+                                help=f"(default {str(f.default).lower()})")
         else:
             kind = int if isinstance(f.default, int) else str
             parser.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default!r})")
@@ -39,6 +54,13 @@ def _tasks(ns: argparse.Namespace):
     return load_tasks(names)
 
 
+def _store(ns: argparse.Namespace):
+    """The results cache ``main`` reads and writes (None with --no-cache)."""
+    from .store import Store
+
+    return None if ns.no_cache else Store(ns.cache_dir or None)
+
+
 def cmd_main(ns: argparse.Namespace) -> int:
     from .experiment import run_main_experiment
     from .models import load_model
@@ -49,7 +71,10 @@ def cmd_main(ns: argparse.Namespace) -> int:
     resolve_source(ns.model)
     prompts = None
     if ns.prompts:
-        loaded = read_jsonl(ns.prompts)
+        try:
+            loaded = read_jsonl(ns.prompts)
+        except OSError as error:  # missing, a folder, unreadable: say which file, no traceback
+            raise TaskvecError(f"--prompts {ns.prompts}: cannot read the prompt file ({error.strerror})") from None
         for task in tasks:
             splits = loaded.get(task.name, {})
             empty = [s for s in ("dev", "test", "baseline") if not splits.get(s)]
@@ -58,8 +83,10 @@ def cmd_main(ns: argparse.Namespace) -> int:
         prompts = {name: PromptSet(s.get("dev", []), s.get("test", []), s.get("baseline", []))
                    for name, s in loaded.items()}
     start = time.perf_counter()
-    model = load_model(ns.model)
-    result = run_main_experiment(model, tasks, protocol, prompts=prompts)
+    store = _store(ns)
+    # With the cache the model is passed by name: it loads only if some task is not cached yet.
+    model = ns.model if store else load_model(ns.model)
+    result = run_main_experiment(model, tasks, protocol, prompts=prompts, store=store, loader=load_model)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     result.accuracy.to_csv(out / "accuracy.csv", index=False)
@@ -68,7 +95,7 @@ def cmd_main(ns: argparse.Namespace) -> int:
     meta = {**result.meta, "model": result.model, "n_layers": result.n_layers,
             "seconds": round(time.perf_counter() - start, 1)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    table = result.accuracy[["task", "n_usable", "best_layer", "baseline_acc", "hypothesis_acc", "regular_acc"]]
+    table = result.accuracy[["task", "n_usable", "best_layer", "saturated", "baseline_acc", "hypothesis_acc", "regular_acc"]]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("mean over tasks:", result.summary().round(3).to_dict())
     print(f"wrote {out}/accuracy.csv, dev_curve.csv, predictions.csv, meta.json")
@@ -122,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--tasks", default="all", help="comma-separated task names, or 'all'")
     main.add_argument("--prompts", help="JSONL prompt file to use instead of sampling (see 'prompts')")
     main.add_argument("--out", default="results/main", help="output folder")
+    main.add_argument("--cache-dir", default="", help="results cache (default $TASKVEC_CACHE/results, "
+                      "i.e. ~/.cache/taskvec/results): finished tasks are kept there and reused")
+    main.add_argument("--no-cache", action="store_true", help="neither read nor write the results cache")
     _protocol_args(main)
     main.set_defaults(func=cmd_main)
 
@@ -151,3 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     except TaskvecError as error:  # bad input (unknown model/task, bad files and sizes); bugs keep their traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {_interrupted(ns)}", file=sys.stderr)
+        return 130
+
+
+def _interrupted(ns: argparse.Namespace) -> str:
+    """What an interrupted command leaves behind, in one line."""
+    if ns.command == "main":
+        store = _store(ns)
+        if store is None:
+            return "nothing was kept (--no-cache); rerun without --no-cache to keep finished tasks"
+        return (f"finished tasks are in the results cache at {store.root}; "
+                "rerunning the same command resumes from there")
+    return "nothing was written"

@@ -5,17 +5,18 @@ is requested from outside, and a second run reuses everything."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from browser import require_chromium
+from glue_check import check_glue, glue_roles
 from taskvec import book, runner, sections
 
 ROOT = Path(__file__).parent.parent
-CHART_PAGES = {"finding_L": 1, "accuracy": 1, "geometry": 2, "dominance": 1, "comparison": 1}
+CHART_PAGES = {"finding_L": 1, "accuracy": 1, "geometry": 2, "dominance": 2, "comparison": 1}
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +46,7 @@ def test_book_is_offline_and_every_chart_renders(built):
     root, record = built
     html = Path(record["html"])
     assert book.check_offline(html) == []
-    if not Path(book.CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{book.CHROMIUM} missing on CI: scripts/ensure_chromium.sh should have installed it")
-        pytest.skip(f"{book.CHROMIUM} not installed (scripts/ensure_chromium.sh installs it)")
+    require_chromium()  # skips without the browser; fails on CI (tests/browser.py)
     for page in ["intro", "method"] + [f"sections/{n}" for n in runner.NOTEBOOKS]:
         result = book.render_check(html / "book" / f"{page}.html")
         name = page.split("/")[-1]
@@ -58,15 +56,34 @@ def test_book_is_offline_and_every_chart_renders(built):
         assert result["exceptions"] == [], (page, result)
 
 
+@pytest.mark.parametrize("name", runner.NOTEBOOKS)
+def test_every_glued_value_sits_at_its_place(built, name):
+    """Each {glue:text} role of the executed notebook, in order, against the i-th glued span of its page
+    (tests/glue_check.py): a swapped, stale or unglued number fails, wherever else it appears on the page."""
+    root, record = built
+    notebook = root / "book" / "sections" / f"{name}.ipynb"
+    page = Path(record["html"]) / "book" / "sections" / f"{name}.html"
+    problems = check_glue(notebook, page)
+    assert problems == [], f"{name}:\n" + "\n".join(problems)
+
+
 def test_numbers_in_the_prose_come_from_the_results(built):
+    """The accuracy page's glued means are the ones the results give, computed here independently."""
     root, record = built
     default, profiles = runner.load_experiments(ROOT / "experiments.yaml")
     tiny = profiles["tiny"]
     results = sections.main_results(tiny.models, tiny.tasks, sections.protocol_from(tiny.protocol), progress=False)
     avg = sections.averages(results).iloc[0]
-    page = (Path(record["html"]) / "book" / "sections" / "accuracy.html").read_text()
+    shown = {}
+    for role in glue_roles(root / "book" / "sections" / "accuracy.ipynb"):
+        shown.setdefault(role.name, []).append((role.fmt, role.expected))
     for col in ("baseline_acc", "hypothesis_acc", "regular_acc"):
-        assert f"{avg[col]:.2f}" in page, col
+        assert shown.get(col), f"accuracy.ipynb's prose no longer shows {col}"
+        for fmt, text in shown[col]:
+            assert text == format(float(avg[col]), fmt), (col, fmt, text)
+    # and the page shows them where the roles are (the check above is on the notebook, this on the page)
+    assert check_glue(root / "book" / "sections" / "accuracy.ipynb",
+                      Path(record["html"]) / "book" / "sections" / "accuracy.html") == []
 
 
 def test_second_run_reuses_everything(built):

@@ -4,26 +4,27 @@ Builds (about 10 s) a book of one markdown page and one pre-executed notebook wi
 then checks statically (taskvec.book.check_offline) and in headless Chromium with the network cut
 (taskvec.book.render_check) that every chart renders from the book's own files and that nothing
 is fetched from outside. The browser parts are skipped when /usr/bin/chromium is absent
-(scripts/ensure_chromium.sh installs it).
+(scripts/ensure_chromium.sh installs it), and fail instead on CI (tests/browser.py). The page also
+glues numbers into its prose, to test tests/glue_check.py on a real build.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from taskvec.book import CHROMIUM, VEGA_JS, build_book, check_offline, render_check
+from browser import require_chromium
+from glue_check import check_glue, glue_roles, pasted_texts
+from taskvec.book import VEGA_JS, build_book, check_offline, render_check
 
 REPO = Path(__file__).resolve().parents[1]
 CDN = "https://cdn.jsdelivr.net/npm/vega@6"
-
-needs_chromium = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(),
-    reason=f"{CHROMIUM} not installed (run scripts/ensure_chromium.sh as root): browser checks skipped")
 
 CHART_CELL = '''import altair as alt
 import pandas as pd
@@ -37,6 +38,18 @@ SECOND_CHART_CELL = '''line = alt.Chart(df).mark_line().encode(x="layer:Q", y="a
 (line + points).properties(title="θ by layer")'''
 TABLE_CELL = '''print("θ extracted at layer", 3)
 df.head(3)'''
+# Glued values, placed by the markdown below: two numbers the page also shows elsewhere (the table
+# holds 0.10 and 0.35), a string to escape, a percentage, and a heading the sidebar's contents repeat.
+GLUE_CELL = '''from myst_nb import glue
+glue("low", 0.10, display=False)
+glue("high", 0.35, display=False)
+glue("label", "θ <&> vector", display=False)
+glue("share", 0.875, display=False)
+glue("n_layers", 6)'''
+GLUE_PROSE = ("## Over {glue:text}`n_layers` layers\n\n"
+              "Accuracy rises from {glue:text}`low:.2f` to {glue:text}`high:.2f` for the {glue:text}`label`, "
+              "{glue:text}`share:.0%` of the way; ``{glue:text}`low` `` quoted in code is not a role.\n\n"
+              ":::{note}\nStill {glue:text}`n_layers:d` layers.\n:::\n")
 
 
 def _write_notebook(path: Path) -> None:
@@ -51,6 +64,8 @@ def _write_notebook(path: Path) -> None:
         nbformat.v4.new_code_cell(CHART_CELL),
         nbformat.v4.new_code_cell(SECOND_CHART_CELL),
         nbformat.v4.new_code_cell(TABLE_CELL),
+        nbformat.v4.new_code_cell(GLUE_CELL),
+        nbformat.v4.new_markdown_cell(GLUE_PROSE),
     ]
     NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(path.parent)}}).execute()
     nbformat.write(nb, path)
@@ -100,8 +115,8 @@ def test_book_is_offline_statically(built):
     assert "$5 and $6" in (html / "book" / "intro.html").read_text()
 
 
-@needs_chromium
 def test_charts_render_offline(built):
+    require_chromium()
     html, _ = built
     report = render_check(html / "book" / "sections" / "chart.html", timeout_s=60)
     print(report)
@@ -137,8 +152,8 @@ def test_check_offline_reports_cdn_script(cdn_page):
     assert len(problems) == 1 and CDN in problems[0] and "book/sections/chart.html" in problems[0], problems
 
 
-@needs_chromium
 def test_render_check_reports_cdn_request(cdn_page):
+    require_chromium()
     _, page = cdn_page
     report = render_check(page, timeout_s=30, tooltip=False)
     assert CDN in report["outside_requests"], report
@@ -173,3 +188,53 @@ def test_check_offline_needs_local_vega_for_altair(built, tmp_path):
     (tmp_path / "chart.html").write_text((html / "book" / "sections" / "chart.html").read_text())
     problems = check_offline(tmp_path)
     assert any("vega-lite@" in p and "CDN" in p for p in problems), problems
+
+
+def _chart_page(built) -> tuple[Path, Path]:
+    """The executed chart notebook and its built page (the book's html is <root>/book/_build/html)."""
+    html, _ = built
+    return html.parents[1] / "sections" / "chart.ipynb", html / "book" / "sections" / "chart.html"
+
+
+def test_glued_values_sit_at_their_place(built):
+    """tests/glue_check.py on a real build: every {glue:text} role, in order, against the page's spans."""
+    notebook, page = _chart_page(built)
+    roles = [(r.name, r.expected) for r in glue_roles(notebook)]
+    assert roles == [("n_layers", "6"), ("low", "0.10"), ("high", "0.35"), ("label", "θ <&> vector"),
+                     ("share", "88%"), ("n_layers", "6")], roles
+    assert page.read_text().count('class="pasted-text"') > len(roles)  # the sidebar's contents repeat the heading
+    assert pasted_texts(page) == [expected for _, expected in roles]  # ... and are not counted
+    assert check_glue(notebook, page) == []
+
+
+def test_glue_check_catches_a_misplaced_value(built):
+    """Two glued numbers swapped on the page: both still appear on it (a substring search passes), yet
+    each is at the wrong place."""
+    notebook, page = _chart_page(built)
+    text = page.read_text()
+    low, high = '<span class="pasted-text">0.10</span>', '<span class="pasted-text">0.35</span>'
+    assert text.count(low) == text.count(high) == 1
+    swapped = text.replace(low, "@LOW@").replace(high, low).replace("@LOW@", high)
+    assert "0.10" in swapped and "0.35" in swapped
+    problems = check_glue(notebook, swapped)
+    assert len(problems) == 2, problems
+    assert "`low:.2f`" in problems[0] and "'0.35'" in problems[0] and "'0.10'" in problems[0], problems
+    assert "`high:.2f`" in problems[1], problems
+    # A value that lost its span (written as plain text) shifts every later one and changes the count.
+    unglued = text.replace(low, "0.10")
+    problems = check_glue(notebook, unglued)
+    assert problems and "6 {glue:text} roles in the notebook but 5 glued values on the page" in problems[-1], problems
+    # A stale value (the page from an older run) is caught too.
+    assert check_glue(notebook, text.replace(high, '<span class="pasted-text">0.36</span>'))
+
+
+def test_ensure_chromium_fails_on_ci_when_it_cannot_install(tmp_path):
+    """On CI a missing browser must stop the run (tests would fail anyway); elsewhere it only warns."""
+    script = REPO / "scripts" / "ensure_chromium.sh"
+    missing = str(tmp_path / "no-chromium")
+    for ci, rc in [("true", 1), ("1", 1), ("", 0), ("false", 0), ("0", 0)]:
+        env = {**os.environ, "CI": ci, "TASKVEC_CHROMIUM": missing}
+        run = subprocess.run(["sh", str(script)], capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode == rc, (ci, run.stdout, run.stderr)
+        assert missing in run.stdout + run.stderr, (ci, run.stdout, run.stderr)
+        assert ("error:" in run.stderr) == (rc == 1), (ci, run.stdout, run.stderr)
