@@ -105,3 +105,16 @@ def test_a_skipped_task_is_cached_so_a_warm_rerun_loads_no_model(tiny_gpt2, tmp_
     again = run_main_experiment(tiny_gpt2, tasks, protocol, progress=False, store=store)
     assert sorted(again.meta["cached_tasks"]) == ["en_fr", "next_letter"]
     pd.testing.assert_frame_equal(first.accuracy.drop(columns="seconds"), again.accuracy.drop(columns="seconds"))
+
+
+def test_saturated_tasks_are_read_at_the_common_layer_outside_the_main_experiment():
+    from taskvec.experiment import MainResult
+    from taskvec.sections import analysis_layers
+
+    acc = pd.DataFrame({"task": ["list_first", "a", "b", "c", "skipped"],
+                        "best_layer": [2, 9, 11, 10, -1],
+                        "saturated": [True, False, False, False, False]})
+    result = MainResult(acc, pd.DataFrame(), pd.DataFrame(), {}, "m", 18, Protocol())
+    layers, common = analysis_layers(result)
+    assert common == 10  # median of 9, 11, 10: the saturated task's 2 does not pull it down
+    assert layers == {"list_first": 10, "a": 9, "b": 11, "c": 10, "skipped": -1}
