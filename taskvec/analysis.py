@@ -166,20 +166,16 @@ def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Pr
 
 # --- interpretation: θ in the vocabulary --------------------------------------------
 
-@torch.no_grad()
 def project_to_vocab(model: TaskModel, vector: torch.Tensor, k: int = 20) -> pd.DataFrame:
     """Top-``k`` tokens of a residual-stream vector read through the final norm and the unembedding.
 
-    ``vector``: (d_model,). Returns rank, token, logit. Runs in plain PyTorch on the
-    model's own modules (the same read-out the model applies after its last layer).
+    ``vector``: (d_model,). Returns rank, token, logit. The read-out the model applies after its
+    last layer, run through :func:`taskvec.mechanism.vocab_logits` (so on NDIF too).
     """
-    norm = model.arch.get(model.hf, model.arch.final_norm)
-    unembed = model.arch.get(model.hf, model.arch.unembed)
-    param = next(model.hf.parameters())
-    logits = unembed(norm(vector.to(device=param.device, dtype=param.dtype)[None, None, :]))[0, 0].float()
+    logits = mechanism.vocab_logits(model, vector[None, :])[0]
     values, ids = logits.topk(k)
     return pd.DataFrame({"rank": range(1, k + 1), "token": [model.tokenizer.decode([int(i)]) for i in ids],
-                         "logit": values.cpu().numpy()})
+                         "logit": values.numpy()})
 
 
 def task_vector_tokens(model: TaskModel, vectors: dict[str, torch.Tensor], layers: dict[str, int],

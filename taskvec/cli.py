@@ -15,6 +15,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from . import remote
 from .errors import TaskvecError
 from .experiment import PromptSet, Protocol
 from .models import resolve_source
@@ -84,9 +85,16 @@ def cmd_main(ns: argparse.Namespace) -> int:
                    for name, s in loaded.items()}
     start = time.perf_counter()
     store = _store(ns)
+    if remote.is_remote(ns.remote):
+        remote.check_setup(ns.remote, ns.model)  # no key for the public host: fail before any compute
+
+    def loader(name: str):
+        return load_model(name, remote=ns.remote)
+
     # With the cache the model is passed by name: it loads only if some task is not cached yet.
-    model = ns.model if store else load_model(ns.model)
-    result = run_main_experiment(model, tasks, protocol, prompts=prompts, store=store, loader=load_model)
+    model = ns.model if store else loader(ns.model)
+    result = run_main_experiment(model, tasks, protocol, prompts=prompts, store=store, loader=loader,
+                                 remote=ns.remote)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     result.accuracy.to_csv(out / "accuracy.csv", index=False)
@@ -152,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--cache-dir", default="", help="results cache (default $TASKVEC_CACHE/results, "
                       "i.e. ~/.cache/taskvec/results): finished tasks are kept there and reused")
     main.add_argument("--no-cache", action="store_true", help="neither read nor write the results cache")
+    main.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
+                      help="run on NDIF: nnsight's configured host (NDIF_HOST, key from NDIF_API_KEY), or HOST "
+                           "(http://host:port); no weights are loaded here")
     _protocol_args(main)
     main.set_defaults(func=cmd_main)
 

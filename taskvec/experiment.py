@@ -26,6 +26,7 @@ from tqdm import tqdm  # not tqdm.auto: no widget warning inside notebooks
 from . import mechanism
 from .errors import SettingError
 from .models import TaskModel, load_model, placement
+from .remote import where as remote_where
 from .store import Store, make_key, model_fingerprint
 from .prompts import FewShotPrompt, PromptFormat, sample_prompts, sample_queries
 from .tasks import Example, Task
@@ -322,12 +323,14 @@ def task_key(model_name: str, weights: str, task: Task, protocol: Protocol, prom
 
 def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol | None = None,
                         prompts: dict[str, PromptSet] | None = None, progress: bool = True,
-                        store: Store | None = None, loader=load_model) -> MainResult:
+                        store: Store | None = None, loader=load_model, remote: bool | str = False) -> MainResult:
     """Run the main experiment on ``tasks``; ``prompts`` (task name -> PromptSet) overrides sampling.
 
     With a ``store``, each task's result is read from the cache when its key (see
     :func:`task_key`) is there and written to it when computed; ``model`` may then be
     a name, loaded (with ``loader``) only if some task is missing, so a warm rerun loads no weights.
+    ``remote`` says, for a model given by name, that ``loader`` will return it served by NDIF
+    (True or a host URL): its results are then keyed on the host, not on a device and dtype.
 
     With ``protocol.single_token`` (the default) exact-match tasks are first
     restricted to examples whose answer is one token for this model's tokenizer; a
@@ -344,8 +347,7 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
         weights = model_fingerprint(model) if isinstance(model, str) else model.weights_sha256
         if not weights:
             raise ValueError(f"model {name!r} has no weights hash; caching needs one (TaskModel.weights_sha256)")
-        if not isinstance(model, str):
-            device, dtype = model.placement
+        device, dtype = placement(name, remote=remote) if isinstance(model, str) else model.placement
     keys = {t.name: task_key(name, weights, t, protocol, prompts.get(t.name), device=device, dtype=dtype)
             for t in tasks} if store else {}
     cached = {t.name for t in tasks if store and store.has("main", name, keys[t.name])}
@@ -392,8 +394,9 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
                     store.save("main", name, keys[task.name], lambda folder, n=n_usable: (folder / "meta.json").write_text(
                         json.dumps({"n_usable": n, "model": name, "skipped": True})))
                 continue
-            result = run_task(get_model(), usable, protocol, task_prompts,
-                              on_phase=lambda phase, t=task.name: bar.set_postfix_str(f"{t}: {phase}"))
+            with remote_where(task=task.name):
+                result = run_task(get_model(), usable, protocol, task_prompts,
+                                  on_phase=lambda phase, t=task.name: bar.set_postfix_str(f"{t}: {phase}"))
             if store:
                 def write(folder, result=result, n_usable=n_usable):
                     result.save(folder)

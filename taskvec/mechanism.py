@@ -19,6 +19,7 @@ from typing import Sequence
 import nnsight
 import torch
 
+from . import remote
 from .arch import residual
 from .models import TaskModel
 
@@ -104,7 +105,16 @@ def next_token_logits(model: TaskModel) -> torch.Tensor:
 
 def _trace(model: TaskModel, enc: dict):
     # logits_to_keep=1: the unembedding runs on the last position only (262k-wide for Gemma 3).
+    if remote.is_remote(model.remote):
+        remote.ship_code()
     return model.nn.trace(dict(enc), remote=model.remote, logits_to_keep=1)
+
+
+def _request(model: TaskModel, phase: str, enc: dict, body):
+    """Run one trace (``body()``), counted in USAGE; remote requests are retried and their failures
+    name the host, model, task and phase (see :func:`taskvec.remote.call`)."""
+    with USAGE.track(phase, enc), remote.where(phase=phase):
+        return remote.call(body, model.remote, model.name)
 
 
 # --- batched operations ---------------------------------------------------------
@@ -119,9 +129,14 @@ def next_tokens(model: TaskModel, texts: Sequence[str], batch_size: int = 64, ph
     out = None
     for index in _length_batches(model, texts, batch_size):
         enc = encode(model, [texts[i] for i in index])
-        with USAGE.track(phase, enc), _trace(model, enc):
-            logits = next_token_logits(model)
-            value = nnsight.save(logits.float() if return_logits else logits.argmax(-1))
+
+        def body(enc=enc):
+            with _trace(model, enc):
+                logits = next_token_logits(model)
+                value = nnsight.save(logits.float() if return_logits else logits.argmax(-1))
+            return value
+
+        value = _request(model, phase, enc, body)
         if out is None:
             out = torch.empty((len(texts), *value.shape[1:]), dtype=value.dtype)
         out[index] = value.cpu()
@@ -138,10 +153,14 @@ def hidden_states(model: TaskModel, texts: Sequence[str], batch_size: int = 64, 
     out = torch.empty(len(texts), n_layers, model.d_model)
     for index in _length_batches(model, texts, batch_size):
         enc = encode(model, [texts[i] for i in index])
-        with USAGE.track(phase, enc), _trace(model, enc):
-            per_layer = [last_token_residual(model, layer) for layer in range(n_layers)]
-            stacked = nnsight.save(torch.stack(per_layer, dim=1))
-        out[index] = stacked.detach().float().cpu()
+
+        def body(enc=enc):
+            with _trace(model, enc):
+                per_layer = [last_token_residual(model, layer) for layer in range(n_layers)]
+                stacked = nnsight.save(torch.stack(per_layer, dim=1))
+            return stacked
+
+        out[index] = _request(model, phase, enc, body).detach().float().cpu()
     return out
 
 
@@ -177,7 +196,8 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
         raise ValueError(f"layers {bad} out of range for a model with {model.n_layers} layers")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat, got {layers}")
-    device, dtype = model.device, next(model.hf.parameters()).dtype
+    # Remote: θ travels with the request from the CPU (the server casts it into its own dtype on write).
+    device, dtype = ("cpu", torch.float32) if remote.is_remote(model.remote) else (model.device, next(model.hf.parameters()).dtype)
     # One row per (layer, text); rows are grouped by layer so each layer patches a contiguous block.
     jobs = [(li, i) for li in range(len(layers)) for i in range(n)]
     result = None
@@ -193,14 +213,45 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
              vectors[[i for _, i in members], layer].to(device=device, dtype=dtype))
             for layer, members in sorted(blocks.items())
         ]
-        with USAGE.track(phase, enc), _trace(model, enc):
-            for layer, block, theta in plan:
-                patch_last_token(model, layer, theta, block)
-            logits = next_token_logits(model)
-            value = nnsight.save(logits.float() if return_logits else logits.argmax(-1))
+
+        def body(enc=enc, plan=plan):
+            with _trace(model, enc):
+                for layer, block, theta in plan:
+                    patch_last_token(model, layer, theta, block)
+                logits = next_token_logits(model)
+                value = nnsight.save(logits.float() if return_logits else logits.argmax(-1))
+            return value
+
+        value = _request(model, phase, enc, body)
         if result is None:
             result = torch.empty((len(layers), n, *value.shape[1:]), dtype=value.dtype)
         value = value.cpu()
         for row, (li, i) in enumerate(chunk):
             result[li, i] = value[row]
     return result
+
+
+@torch.no_grad()
+def vocab_logits(model: TaskModel, vectors: torch.Tensor) -> torch.Tensor:
+    """Residual-stream vectors read through the final norm and the unembedding, (n, vocab) float32 on CPU.
+
+    The model's own read-out, applied inside a trace (on a one-token input), so it runs wherever
+    the model does, NDIF included. ``vectors``: (n, d_model).
+    """
+    if vectors.dim() != 2 or vectors.shape[1] != model.d_model:
+        raise ValueError(f"vectors must be (n, d_model={model.d_model}), got {tuple(vectors.shape)}")
+    if remote.is_remote(model.remote):
+        theta = vectors.float().cpu()
+    else:
+        weight = next(model.hf.parameters())
+        theta = vectors.to(device=weight.device, dtype=weight.dtype)
+    enc = encode(model, [model.tokenizer.decode([model.tokenizer.pad_token_id])])
+    norm = model.arch.get(model.nn, model.arch.final_norm)
+    unembed = model.arch.get(model.nn, model.arch.unembed)
+
+    def body():
+        with _trace(model, enc):
+            logits = nnsight.save(unembed(norm(theta[:, None, :]))[:, -1].float())
+        return logits
+
+    return _request(model, "vocab", enc, body).cpu()

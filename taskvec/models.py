@@ -165,11 +165,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def placement(name: str, device: str | None = None, dtype: torch.dtype | str | None = None) -> tuple[str, str]:
-    """(device type, dtype name) that ``load_model(name, device, dtype)`` will use, decided without loading.
+def remote_placement(remote: bool | str) -> tuple[str, str]:
+    """What cache keys record for a model served by NDIF: the host (the server owns device and dtype)."""
+    from . import remote as remote_mod
 
-    Cache keys include it: bf16 on CUDA and float32 on the CPU give different results.
+    return f"ndif {remote_mod.host(remote)}", "server"
+
+
+def placement(name: str, device: str | None = None, dtype: torch.dtype | str | None = None,
+              remote: bool | str = False) -> tuple[str, str]:
+    """(device type, dtype name) that ``load_model(name, device, dtype, remote=remote)`` will use,
+    decided without loading.
+
+    Cache keys include it: bf16 on CUDA and float32 on the CPU give different results, and a
+    remote result is keyed on its host.
     """
+    if remote and remote != "local":
+        return remote_placement(remote)
     device, dtype = _place(resolve_source(name), device, dtype)
     return torch.device(device).type, dtype_name(dtype)
 
@@ -209,7 +221,12 @@ class TaskModel:
 
     @property
     def placement(self) -> tuple[str, str]:
-        """(device type, dtype name) of the loaded weights, as cache keys record them."""
+        """(device type, dtype name) of the loaded weights, as cache keys record them; for a remote
+        model ("ndif <host>", "server"): the server decides the dtype."""
+        from . import remote
+
+        if remote.is_remote(self.remote):
+            return remote_placement(self.remote)
         weight = next(self.hf.parameters())
         return weight.device.type, dtype_name(weight.dtype)
 
@@ -231,8 +248,60 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str, weights_sha256: s
     return TaskModel(name=name, nn=nn, tokenizer=tokenizer, arch=arch, weights_sha256=weights_sha256, remote=remote)
 
 
+def _config(path: str | Path, name: str, revision: str | None):
+    """A model's config, or one line saying why it cannot be had (no hub access, unknown id, no config.json)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnknownModelError(f"model {name!r}: cannot read its config ({first})") from None
+
+
+def load_remote(name: str, remote: bool | str = True, revision: str | None = None) -> TaskModel:
+    """``name`` served by an NDIF host, without its weights: config and tokenizer only.
+
+    The nnsight model is built on the meta device (nothing is downloaded or allocated, so a 70B
+    model loads in seconds), the architecture accessor is validated on it, and every trace goes to
+    ``remote``: ``True`` for nnsight's configured host (``NDIF_HOST``), or a host URL. An embedded
+    name or a local folder is sent as that folder's path, which is how a local NDIF server that
+    deployed the folder knows it.
+    """
+    import nnsight.modeling.huggingface as nnsight_hf
+    from nnsight import TransformersModel
+    from transformers import AutoTokenizer
+
+    from . import remote as remote_mod
+    from .store import model_fingerprint  # store imports this module
+
+    if not remote_mod.is_remote(remote):
+        raise ValueError(f"load_remote needs remote=True or a host URL, got {remote!r}")
+    source = resolve_source(name)
+    host = remote_mod.check_setup(remote, name)
+    if source == "embedded":
+        path = str(embedded_path(name)[0])
+    else:
+        path = str(Path(name).expanduser()) if source == "local" else name
+    if source != "hub":
+        # nnsight names the model to the server by its hub id, asked from the hub; a folder is its own id.
+        nnsight_hf._ID_CACHE[path] = path
+    config = _config(path, name, revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    arch = arch_for(config)
+    nn = TransformersModel(path, tokenizer=tokenizer, revision=revision, task="text-generation")  # meta: no dispatch
+    arch.validate(nn._module)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = TaskModel(name=name, nn=nn, tokenizer=tokenizer, arch=arch,
+                      weights_sha256=model_fingerprint(name, revision), remote=remote)
+    model.info = {"source": source, "remote_host": host, "revision": revision}
+    return model
+
+
 def load_model(name: str, device: str | None = None, dtype: torch.dtype | str | None = None,
-               revision: str | None = None) -> TaskModel:
+               revision: str | None = None, remote: bool | str = False) -> TaskModel:
     """Load ``name``: an embedded model, a local transformers folder, or a hub id.
 
     Embedded models run in float32 on the CPU by default. Hub ids and local folders
@@ -241,8 +310,12 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | str | 
     ``revision`` (branch, tag or commit) picks a hub model's version. A hub model is
     cached under its id and revision, not a hash of its weights, so pin a commit sha
     for reproducible caching: a branch such as the default ``main`` can move.
+    ``remote`` (``True`` or an NDIF host URL): no weights, every trace runs on NDIF (:func:`load_remote`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if remote and remote != "local":
+        return load_remote(name, remote, revision)
 
     from .store import model_fingerprint  # store imports this module
 
@@ -253,7 +326,7 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | str | 
     else:
         path = Path(name).expanduser() if source == "local" else name
         # Read the config first: an unsupported family fails before gigabytes load.
-        arch_for(AutoConfig.from_pretrained(path, revision=revision))
+        arch_for(_config(path, name, revision))
         sha = model_fingerprint(name, revision)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from . import remote
 from .errors import SettingError, TaskvecError
 from .experiment import Protocol, task_key
 from .store import code_version, make_key, model_fingerprint
@@ -38,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = Path(__file__).resolve().parent
 #: Section notebooks in reading order; the last two read what the others produced.
 NOTEBOOKS = ("finding_L", "accuracy", "geometry", "dominance", "interpretation", "comparison", "provenance")
-COMMON = ("models", "tasks", "protocol", "cache_dir")
-PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections"}
+COMMON = ("models", "tasks", "protocol", "cache_dir", "remote")
+PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections", "remote"}
 
 
 class ExperimentFileError(SettingError):
@@ -54,10 +55,11 @@ class Profile:
     tasks: list[str]
     protocol: dict
     sections: dict[str, dict] = field(default_factory=dict)
+    remote: bool | str = False  # NDIF: True (nnsight's configured host) or a host URL
 
     def parameters(self, notebook: str, cache_dir: str = "") -> dict[str, Any]:
         return {"models": self.models, "tasks": self.tasks, "protocol": self.protocol, "cache_dir": cache_dir,
-                **self.sections.get(notebook, {})}
+                "remote": self.remote, **self.sections.get(notebook, {})}
 
 
 def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
@@ -115,7 +117,10 @@ def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
             clash = set(params) & set(COMMON)
             if clash:
                 fail(f"{where}.sections.{section}: {', '.join(sorted(clash))} belong(s) to the profile, not a section")
-        profiles[name] = Profile(name, str(raw.get("description", "")), models, tasks, protocol, sections)
+        served = raw.get("remote", False)
+        if not (isinstance(served, bool) or (isinstance(served, str) and served.startswith(("http://", "https://")))):
+            fail(f"{where}.remote must be true, false or an http(s) URL of an NDIF host, got {served!r}")
+        profiles[name] = Profile(name, str(raw.get("description", "")), models, tasks, protocol, sections, served)
     default = data.get("default", next(iter(profiles)))
     if default not in profiles:
         fail(f"default profile {default!r} is not defined")
@@ -143,10 +148,18 @@ def check_parameters(profile: Profile, nb_dir: Path) -> None:
                                f"{', '.join(sorted(unknown))} (it declares {', '.join(declared)})")
 
 
-def results_keys(models: Sequence[str], tasks: Sequence[str], protocol: Protocol) -> dict[str, dict[str, str]]:
+def results_keys(models: Sequence[str], tasks: Sequence[str], protocol: Protocol,
+                 remote: bool | str = False) -> dict[str, dict[str, str]]:
     """Main-experiment cache key per model and task (``tasks`` empty: all), without loading any model."""
+    from .models import placement
+
     task_list = load_tasks(list(tasks) or None)
-    return {m: {t.name: task_key(m, model_fingerprint(m), t, protocol) for t in task_list} for m in models}
+    keys = {}
+    for m in models:
+        device, dtype = placement(m, remote=remote)
+        keys[m] = {t.name: task_key(m, model_fingerprint(m), t, protocol, device=device, dtype=dtype)
+                   for t in task_list}
+    return keys
 
 
 def package_sources() -> str:
@@ -237,6 +250,8 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
     profile = profiles[name]
     for model in profile.models:
         resolve_source(model)
+        if remote.is_remote(profile.remote):
+            remote.check_setup(profile.remote, model)  # no key for the public host: fail before any compute
     notebooks = list(only or NOTEBOOKS)
     bad = set(notebooks) - set(NOTEBOOKS)
     if bad:
@@ -247,12 +262,13 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
 
     started = time.perf_counter()
     log(f"profile {name}: {profile.description}")
-    shared = sections.main_results(profile.models, profile.tasks, protocol, cache_dir or None)  # shared, cached
+    shared = sections.main_results(profile.models, profile.tasks, protocol, cache_dir or None,
+                                   remote=profile.remote)  # shared, cached
     shared_s = time.perf_counter() - started
     main_record = [{"model": m, "tasks": len(r.accuracy), "cached_tasks": len(r.meta.get("cached_tasks", [])),
                     "compute_seconds": round(float(r.accuracy["seconds"].sum()), 1)} for m, r in shared.items()]
 
-    results = results_keys(profile.models, profile.tasks, protocol)
+    results = results_keys(profile.models, profile.tasks, protocol, profile.remote)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.ipynb"):  # temp files of a run that was killed mid-notebook
         stale.unlink()

@@ -40,13 +40,14 @@ def store_for(cache_dir: str | None) -> Store:
 
 
 @lru_cache(maxsize=4)
-def _model(name: str) -> TaskModel:
-    return load_model(name)
+def _model(name: str, remote: bool | str) -> TaskModel:
+    return load_model(name, remote=remote)
 
 
-def model(name: str) -> TaskModel:
-    """The loaded model, shared by all calls in one process (a notebook)."""
-    return _model(name)
+def model(name: str, remote: bool | str = False) -> TaskModel:
+    """The loaded model, shared by all calls in one process (a notebook); ``remote``: served by NDIF
+    (True for nnsight's configured host, or a host URL), weights never loaded here."""
+    return _model(name, remote)
 
 
 def as_list(value: str | Sequence[str] | None) -> list[str]:
@@ -59,17 +60,19 @@ def as_list(value: str | Sequence[str] | None) -> list[str]:
 
 
 def main_results(models: str | Sequence[str], tasks: str | Sequence[str] | None, protocol: Protocol,
-                 cache_dir: str | None = None, progress: bool = True) -> dict[str, MainResult]:
+                 cache_dir: str | None = None, progress: bool = True,
+                 remote: bool | str = False) -> dict[str, MainResult]:
     """The main experiment per model (cached per task); ``tasks`` empty or None means all 18.
 
-    ``models`` and ``tasks`` may be lists or comma-separated strings.
+    ``models`` and ``tasks`` may be lists or comma-separated strings; ``remote`` runs them on NDIF.
     """
     models, tasks = as_list(models), as_list(tasks)
     task_list = load_tasks(tasks or None)
     store = store_for(cache_dir)
     # The model loads only if a task is missing from the cache, through the notebook-wide model()
     # so later sections (dominance, interpretation) reuse it.
-    return {name: run_main_experiment(name, task_list, protocol, progress=progress, store=store, loader=model)
+    return {name: run_main_experiment(name, task_list, protocol, progress=progress, store=store,
+                                      loader=lambda n: model(n, remote), remote=remote)
             for name in models}
 
 
@@ -126,7 +129,7 @@ def geometry(result: MainResult, seed: int = 41, perplexity: float = 30.0) -> di
 
 
 def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_prompts: int, n_shots: int,
-              n_dev: int, cache_dir: str | None = None) -> dict[str, pd.DataFrame]:
+              n_dev: int, cache_dir: str | None = None, remote: bool | str = False) -> dict[str, pd.DataFrame]:
     """The conflicting-tasks table for ``pairs`` (task A, task B) on model ``name``, cached per pair.
 
     The layer θ_B is patched at is chosen per pair on ``n_dev`` dev prompts of the conflicting
@@ -138,12 +141,12 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
     for a_name, b_name in pairs:
         task_a, task_b = load_task(a_name), load_task(b_name)
         key = make_key(ANALYSIS_MODULES, kind="dominance", model=name, weights=model_fingerprint(name),
-                       placement=placement(name),
+                       placement=placement(name, remote=remote),
                        a=task_a.identity(), b=task_b.identity(), protocol=protocol,
                        n_prompts=n_prompts, n_shots=n_shots, n_dev=n_dev)
         folder = store.path("dominance", name, key)
         if not store.has("dominance", name, key):
-            out = analysis.conflicting_tasks(model(name), task_a, task_b, protocol, n_prompts, n_shots, n_dev)
+            out = analysis.conflicting_tasks(model(name, remote), task_a, task_b, protocol, n_prompts, n_shots, n_dev)
 
             def write(f, out=out):
                 out["table"].to_csv(f / "table.csv", index=False)
@@ -154,7 +157,8 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
     return {"table": pd.concat(tables, ignore_index=True), "dev_curve": pd.concat(curves, ignore_index=True)}
 
 
-def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | None = None) -> pd.DataFrame:
+def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | None = None,
+                   remote: bool | str = False) -> pd.DataFrame:
     """Top tokens of each task's mean θ at its analysis layer (cached); see :func:`analysis_layers`.
 
     Columns task, layer, rank, token, logit, saturated.
@@ -162,12 +166,12 @@ def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | N
     store = store_for(cache_dir)
     layers, _ = analysis_layers(result)
     key = make_key(ANALYSIS_MODULES, kind="interpretation", model=name, weights=model_fingerprint(name),
-                   placement=placement(name), layers=layers, k=top_k,
+                   placement=placement(name, remote=remote), layers=layers, k=top_k,
                    vectors={t: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
                             for t, v in result.task_vectors.items()})
     folder = store.path("interpretation", name, key)
     if not store.has("interpretation", name, key):
-        table = analysis.task_vector_tokens(model(name), result.task_vectors, layers, top_k)
+        table = analysis.task_vector_tokens(model(name, remote), result.task_vectors, layers, top_k)
         folder = store.save("interpretation", name, key,
                             lambda f: table.to_json(f / "tokens.json", orient="records", force_ascii=False))
     tokens = pd.DataFrame(json.loads((folder / "tokens.json").read_text()))

@@ -23,3 +23,106 @@ def test_remote_local_matches_local(tiny_gpt2):
         model.remote = False
     for a, b in zip(local, remote):
         torch.testing.assert_close(a, b)
+
+
+# --- the remote path's checks and failures, offline (a real server is exercised in test_ndif_*.py) ---
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from taskvec import remote
+from taskvec.errors import TaskvecError
+
+KEY = "tv-secret-0123456789-do-not-leak"
+
+
+@pytest.fixture
+def tiny_folder(tmp_path_factory):
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_remote_model_loads_without_weights(tiny_folder, monkeypatch):
+    from taskvec.models import load_model
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded for a remote model")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    model = load_model(str(tiny_folder), remote="http://127.0.0.1:9")
+    assert {p.device.type for p in model.hf.parameters()} == {"meta"}
+    assert (model.n_layers, model.d_model) == (4, 32)
+    assert model.placement == ("ndif http://127.0.0.1:9", "server")
+    assert model.info["remote_host"] == "http://127.0.0.1:9"
+
+
+def test_remote_results_are_keyed_on_the_host(tiny_folder):
+    from taskvec.experiment import Protocol, task_key
+    from taskvec.models import placement
+    from taskvec.tasks import load_task
+
+    task, protocol = load_task("antonyms"), Protocol()
+    keys = {where: task_key(str(tiny_folder), "w", task, protocol, device=d, dtype=t)
+            for where in (False, "http://a:1", "http://b:1") for d, t in [placement(str(tiny_folder), remote=where)]}
+    assert len(set(keys.values())) == 3
+
+
+def test_no_key_for_the_public_host_fails_before_any_compute(monkeypatch, tiny_folder):
+    from nnsight import CONFIG
+
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    monkeypatch.setattr(CONFIG.API, "HOST", remote.PUBLIC_HOST)
+    with pytest.raises(remote.RemoteSetupError, match="no NDIF API key for https://api.ndif.us"):
+        remote.check_setup(True, "EleutherAI/gpt-j-6b")
+    env = {**__import__("os").environ, "NDIF_API_KEY": "", "NDIF_HOST": ""}
+    run = subprocess.run([sys.executable, "-m", "taskvec", "main", "--model", str(tiny_folder), "--remote",
+                          "--tasks", "antonyms", "--out", str(tiny_folder / "out")],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent)
+    assert run.returncode == 2 and "no NDIF API key" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_transient_failures_are_retried_then_named(monkeypatch):
+    from nnsight import CONFIG
+
+    monkeypatch.setattr(CONFIG.API, "APIKEY", KEY)
+    calls, sleeps = [], []
+
+    def refused():
+        calls.append(1)
+        raise ConnectionRefusedError(f"[Errno 111] Connection refused (key {KEY})")
+
+    with remote.where(task="antonyms", phase="dev sweep"), pytest.raises(remote.RemoteRunError) as info:
+        remote.call(refused, "http://127.0.0.1:9", "gemma-3-270m", sleep=sleeps.append)
+    message = str(info.value)
+    assert len(calls) == remote.ATTEMPTS and sleeps == [remote.BACKOFF_S, 2 * remote.BACKOFF_S]
+    for part in ("http://127.0.0.1:9", "gemma-3-270m", "task antonyms", "phase dev sweep", "after 3 attempts"):
+        assert part in message, (part, message)
+    assert KEY not in message and "<NDIF_API_KEY>" in message
+    assert isinstance(info.value, TaskvecError)  # the CLI prints it as one line
+
+
+def test_a_server_side_exception_is_not_retried():
+    from nnsight.intervention.backends.remote import RemoteError
+
+    calls = []
+
+    def fails():
+        calls.append(1)
+        raise RemoteError("IndexError: index 99 is out of bounds")
+
+    with pytest.raises(remote.RemoteRunError, match=r"failed \(model m\): RemoteError: IndexError: index 99"):
+        remote.call(fails, "http://127.0.0.1:9", "m", sleep=lambda s: None)
+    assert len(calls) == 1
+
+
+def test_local_runs_are_not_wrapped():
+    with pytest.raises(ZeroDivisionError):
+        remote.call(lambda: 1 / 0, False, "m")

@@ -1,0 +1,148 @@
+"""Remote runs on NDIF: where requests go, the checks made before any compute, and failures that
+name what failed.
+
+A model loaded with ``load_model(name, remote=True)`` (or a host URL) holds no weights: every
+trace is sent to an NDIF server, which runs it on its copy of the model. The host comes from
+nnsight's configuration (``NDIF_HOST`` or nnsight's config file), the API key from ``NDIF_API_KEY``
+or nnsight's config file; the key is handed to nnsight and never written anywhere by taskvec
+(results, notebooks, logs and error messages name the host, never the key).
+
+Trace bodies call taskvec's helpers (the architecture accessor, :mod:`taskvec.mechanism`), which a
+server cannot import: :func:`ship_code` registers the package with nnsight so its source travels
+by value with each request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from typing import Callable, TypeVar
+
+from .errors import TaskvecError
+
+#: NDIF's public service: the only host that needs an API key before anything is sent.
+PUBLIC_HOST = "https://api.ndif.us"
+#: Attempts per request when the failure is transient (host unreachable, connection dropped).
+ATTEMPTS = 3
+#: Seconds before the second attempt; doubled for each further one.
+BACKOFF_S = 2.0
+
+T = TypeVar("T")
+
+# Which task and phase a remote request belongs to, for error messages (set by the experiment).
+_WHERE: contextvars.ContextVar[dict] = contextvars.ContextVar("taskvec_remote_where", default={})
+
+
+class RemoteSetupError(TaskvecError):
+    """A remote run that cannot start: no API key for the public host, a bad host URL."""
+
+
+class RemoteRunError(TaskvecError):
+    """A remote request that failed; the message names host, model, task and phase."""
+
+
+def is_remote(remote: bool | str) -> bool:
+    """True for a real server (``True`` or a host URL); ``"local"`` is nnsight's in-process simulation."""
+    return bool(remote) and remote != "local"
+
+
+def host(remote: bool | str = True) -> str:
+    """The NDIF host requests go to: ``remote`` itself when it is a URL, else nnsight's configured host."""
+    if isinstance(remote, str) and remote != "local":
+        return remote.rstrip("/")
+    from nnsight import CONFIG
+
+    return str(CONFIG.API.HOST).rstrip("/")
+
+
+def api_key() -> str | None:
+    """The key nnsight will send (``NDIF_API_KEY`` or nnsight's config); never printed or stored."""
+    from nnsight import CONFIG
+
+    return CONFIG.API.APIKEY or None
+
+
+def check_setup(remote: bool | str, model: str) -> str:
+    """Fail before any compute when a remote run cannot work; returns the host."""
+    target = host(remote)
+    if not target.startswith(("http://", "https://")):
+        raise RemoteSetupError(f"NDIF host {target!r} for model {model!r} is not an http(s) URL "
+                               "(set NDIF_HOST, or pass remote='http://host:port')")
+    if target == PUBLIC_HOST and not api_key():
+        raise RemoteSetupError(
+            f"no NDIF API key for {target} (model {model!r}): set NDIF_API_KEY, or run "
+            "`python -c \"from nnsight import CONFIG; CONFIG.set_default_api_key('YOUR_KEY')\"`; "
+            "keys are free at https://login.ndif.us")
+    return target
+
+
+def ship_code() -> None:
+    """Send taskvec's source with each request (the server has no taskvec to import)."""
+    import nnsight
+
+    import taskvec
+
+    nnsight.register(taskvec)
+
+
+@contextlib.contextmanager
+def where(**parts: str):
+    """Label the remote requests made inside this block (e.g. ``task=``, ``phase=``) for error messages."""
+    token = _WHERE.set({**_WHERE.get(), **parts})
+    try:
+        yield
+    finally:
+        _WHERE.reset(token)
+
+
+def _scrub(text: str) -> str:
+    key = api_key()
+    return text.replace(key, "<NDIF_API_KEY>") if key else text
+
+
+def _transient(error: BaseException) -> bool:
+    """Failures worth another attempt: the request never reached the server or the connection dropped."""
+    import httpx
+
+    if isinstance(error, (httpx.TransportError, ConnectionError, TimeoutError)):
+        return True
+    try:
+        import websocket
+
+        if isinstance(error, websocket.WebSocketException):
+            return True
+    except ImportError:  # pragma: no cover - nnsight depends on websocket-client
+        pass
+    from nnsight.intervention.backends.remote import RemoteError
+
+    # nnsight wraps an HTTP transport failure ("Failed to send request: [Errno 111] ...") in RemoteError;
+    # a job that ran and failed on the server reports its own exception instead, which no retry fixes.
+    cause = error.__cause__
+    return isinstance(error, RemoteError) and cause is not None and isinstance(cause, httpx.TransportError)
+
+
+def call(fn: Callable[[], T], remote: bool | str, model: str, sleep=time.sleep) -> T:
+    """Run ``fn`` (one remote request); retry transient failures, then raise :class:`RemoteRunError`.
+
+    The message names the host, the model, and the task and phase set by :func:`where`, and
+    carries the server's own error text; the API key never appears in it.
+    """
+    if not is_remote(remote):
+        return fn()
+    target = host(remote)
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - classified below, re-raised with context
+            transient = _transient(error)
+            if transient and attempt < ATTEMPTS:
+                sleep(BACKOFF_S * 2 ** (attempt - 1))
+                continue
+            labels = ", ".join(f"{k} {v}" for k, v in _WHERE.get().items())
+            what = "unreachable or dropped the connection" if transient else "failed"
+            tries = f" after {attempt} attempts" if transient else ""
+            detail = _scrub(f"{type(error).__name__}: {error}")
+            raise RemoteRunError(f"NDIF request to {target} {what}{tries} (model {model}"
+                                 f"{', ' + labels if labels else ''}): {detail}") from None
+    raise AssertionError("unreachable")  # pragma: no cover
