@@ -26,20 +26,24 @@ from .models import TaskModel
 
 @dataclass
 class Usage:
-    """What the model was asked to do, for the benchmark: traces, rows, real tokens, seconds."""
+    """What the model was asked to do, for the benchmark: requests, traces, rows, real tokens, seconds.
+
+    A request is one round trip: a session of one or more traces (on NDIF, one HTTP request).
+    """
 
     by_phase: dict = field(default_factory=dict)
 
     @contextmanager
-    def track(self, phase: str, enc: dict):
+    def track(self, phase: str, encs: Sequence[dict]):
         start = time.perf_counter()
         yield
         if torch.cuda.is_available():  # kernels run asynchronously: wait before reading the clock
             torch.cuda.synchronize()
-        entry = self.by_phase.setdefault(phase, {"traces": 0, "rows": 0, "tokens": 0, "seconds": 0.0})
-        entry["traces"] += 1
-        entry["rows"] += int(enc["input_ids"].shape[0])
-        entry["tokens"] += int(enc["attention_mask"].sum())
+        entry = self.by_phase.setdefault(phase, {"requests": 0, "traces": 0, "rows": 0, "tokens": 0, "seconds": 0.0})
+        entry["requests"] += 1
+        entry["traces"] += len(encs)
+        entry["rows"] += sum(int(enc["input_ids"].shape[0]) for enc in encs)
+        entry["tokens"] += sum(int(enc["attention_mask"].sum()) for enc in encs)
         entry["seconds"] += time.perf_counter() - start
 
     def total(self, key: str) -> float:
@@ -103,21 +107,52 @@ def next_token_logits(model: TaskModel) -> torch.Tensor:
     return model.arch.get(model.nn, model.arch.unembed).output[:, -1, :]
 
 
-def _trace(model: TaskModel, enc: dict):
-    # logits_to_keep=1: the unembedding runs on the last position only (262k-wide for Gemma 3).
+#: Largest result one request should bring back: NDIF returns results up to 8 MiB inline over its
+#: websocket, larger ones through its object store (slower), so a phase is split to stay below.
+INLINE_BYTES = 7 * 2**20
+
+
+def _requests(model: TaskModel, phase: str, encs: Sequence[dict], step, row_bytes: int) -> list:
+    """Run one trace per batch in ``encs``; ``step(i)`` is called inside batch ``i``'s open trace and
+    returns the value to bring back. Batches are bundled into sessions (one request each, on NDIF one
+    round trip) whose results stay under :data:`INLINE_BYTES` (``row_bytes`` per row). Remote requests
+    are retried and their failures name the host, model, task and phase (:func:`taskvec.remote.call`).
+    """
+    groups, group, size = [], [], 0
+    for i, enc in enumerate(encs):
+        rows = int(enc["input_ids"].shape[0]) * row_bytes
+        if group and size + rows > INLINE_BYTES:
+            groups.append(group)
+            group, size = [], 0
+        group.append(i)
+        size += rows
+    groups.append(group)
     if remote.is_remote(model.remote):
         remote.ship_code()
-    return model.nn.trace(dict(enc), remote=model.remote, logits_to_keep=1)
+    out: list = [None] * len(encs)
+    # logits_to_keep=1: the unembedding runs on the last position only (262k-wide for Gemma 3).
+    for group in groups:
+        def body(group=group):
+            with model.nn.session(remote=model.remote):
+                values = nnsight.save([])
+                for i in group:
+                    with model.nn.trace(dict(encs[i]), logits_to_keep=1):
+                        values.append(step(i))
+            return values
 
-
-def _request(model: TaskModel, phase: str, enc: dict, body):
-    """Run one trace (``body()``), counted in USAGE; remote requests are retried and their failures
-    name the host, model, task and phase (see :func:`taskvec.remote.call`)."""
-    with USAGE.track(phase, enc), remote.where(phase=phase):
-        return remote.call(body, model.remote, model.name)
+        with USAGE.track(phase, [encs[i] for i in group]), remote.where(phase=phase):
+            values = remote.call(body, model.remote, model.name)
+        for i, value in zip(group, values):
+            out[i] = value.cpu()
+    return out
 
 
 # --- batched operations ---------------------------------------------------------
+
+def _value_bytes(model: TaskModel, return_logits: bool) -> int:
+    """Bytes one row brings back: a token id, or a row of float32 logits."""
+    return 4 * int(model.hf.config.vocab_size) if return_logits else 8
+
 
 @torch.no_grad()
 def next_tokens(model: TaskModel, texts: Sequence[str], batch_size: int = 64, phase: str = "predict",
@@ -126,20 +161,17 @@ def next_tokens(model: TaskModel, texts: Sequence[str], batch_size: int = 64, ph
 
     With ``return_logits`` the last-position logits instead, (n, vocab) float32 on CPU.
     """
-    out = None
-    for index in _length_batches(model, texts, batch_size):
-        enc = encode(model, [texts[i] for i in index])
+    index = list(_length_batches(model, texts, batch_size))
+    encs = [encode(model, [texts[i] for i in rows]) for rows in index]
 
-        def body(enc=enc):
-            with _trace(model, enc):
-                logits = next_token_logits(model)
-                value = nnsight.save(logits.float() if return_logits else logits.argmax(-1))
-            return value
+    def step(b: int):
+        logits = next_token_logits(model)
+        return logits.float() if return_logits else logits.argmax(-1)
 
-        value = _request(model, phase, enc, body)
-        if out is None:
-            out = torch.empty((len(texts), *value.shape[1:]), dtype=value.dtype)
-        out[index] = value.cpu()
+    values = _requests(model, phase, encs, step, _value_bytes(model, return_logits))
+    out = torch.empty((len(texts), *values[0].shape[1:]), dtype=values[0].dtype)
+    for rows, value in zip(index, values):
+        out[rows] = value
     return out
 
 
@@ -150,17 +182,16 @@ def hidden_states(model: TaskModel, texts: Sequence[str], batch_size: int = 64, 
     One forward pass per batch serves all layers.
     """
     n_layers = model.n_layers
+    index = list(_length_batches(model, texts, batch_size))
+    encs = [encode(model, [texts[i] for i in rows]) for rows in index]
+
+    def step(b: int):
+        return torch.stack([last_token_residual(model, layer) for layer in range(n_layers)], dim=1)
+
+    values = _requests(model, phase, encs, step, 4 * n_layers * model.d_model)
     out = torch.empty(len(texts), n_layers, model.d_model)
-    for index in _length_batches(model, texts, batch_size):
-        enc = encode(model, [texts[i] for i in index])
-
-        def body(enc=enc):
-            with _trace(model, enc):
-                per_layer = [last_token_residual(model, layer) for layer in range(n_layers)]
-                stacked = nnsight.save(torch.stack(per_layer, dim=1))
-            return stacked
-
-        out[index] = _request(model, phase, enc, body).detach().float().cpu()
+    for rows, value in zip(index, values):
+        out[rows] = value.detach().float()
     return out
 
 
@@ -174,6 +205,15 @@ def task_vectors(model: TaskModel, dummy_texts: Sequence[Sequence[str]], batch_s
     flat = [text for texts in dummy_texts for text in texts]
     states = hidden_states(model, flat, batch_size, phase=phase)
     return states.view(len(dummy_texts), k, *states.shape[1:]).mean(dim=1)
+
+
+def _placed(model: TaskModel, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` ready to write into the model: on its device in its dtype; remote, float32 on the CPU
+    (it travels with the request, and the server casts it into its own dtype on write)."""
+    if remote.is_remote(model.remote):
+        return tensor.float().cpu()
+    weight = next(model.hf.parameters())
+    return tensor.to(device=weight.device, dtype=weight.dtype)
 
 
 @torch.no_grad()
@@ -196,36 +236,29 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
         raise ValueError(f"layers {bad} out of range for a model with {model.n_layers} layers")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat, got {layers}")
-    # Remote: θ travels with the request from the CPU (the server casts it into its own dtype on write).
-    device, dtype = ("cpu", torch.float32) if remote.is_remote(model.remote) else (model.device, next(model.hf.parameters()).dtype)
     # One row per (layer, text); rows are grouped by layer so each layer patches a contiguous block.
     jobs = [(li, i) for li in range(len(layers)) for i in range(n)]
-    result = None
-    for rows in _batches(len(jobs), batch_size):
-        chunk = jobs[rows]
-        enc = encode(model, [texts[i] for _, i in chunk])
+    chunks = [jobs[rows] for rows in _batches(len(jobs), batch_size)]
+    encs, plans = [], []
+    for chunk in chunks:
+        encs.append(encode(model, [texts[i] for _, i in chunk]))
         blocks: dict[int, list[tuple[int, int]]] = {}
         for row, (li, i) in enumerate(chunk):
             blocks.setdefault(layers[li], []).append((row, i))
         # Sorted so layers are visited in execution order, as nnsight requires.
-        plan = [
-            (layer, slice(members[0][0], members[-1][0] + 1),
-             vectors[[i for _, i in members], layer].to(device=device, dtype=dtype))
-            for layer, members in sorted(blocks.items())
-        ]
+        plans.append([(layer, slice(members[0][0], members[-1][0] + 1),
+                       _placed(model, vectors[[i for _, i in members], layer]))
+                      for layer, members in sorted(blocks.items())])
 
-        def body(enc=enc, plan=plan):
-            with _trace(model, enc):
-                for layer, block, theta in plan:
-                    patch_last_token(model, layer, theta, block)
-                logits = next_token_logits(model)
-                value = nnsight.save(logits.float() if return_logits else logits.argmax(-1))
-            return value
+    def step(b: int):
+        for layer, block, theta in plans[b]:
+            patch_last_token(model, layer, theta, block)
+        logits = next_token_logits(model)
+        return logits.float() if return_logits else logits.argmax(-1)
 
-        value = _request(model, phase, enc, body)
-        if result is None:
-            result = torch.empty((len(layers), n, *value.shape[1:]), dtype=value.dtype)
-        value = value.cpu()
+    values = _requests(model, phase, encs, step, _value_bytes(model, return_logits))
+    result = torch.empty((len(layers), n, *values[0].shape[1:]), dtype=values[0].dtype)
+    for chunk, value in zip(chunks, values):
         for row, (li, i) in enumerate(chunk):
             result[li, i] = value[row]
     return result
@@ -240,18 +273,12 @@ def vocab_logits(model: TaskModel, vectors: torch.Tensor) -> torch.Tensor:
     """
     if vectors.dim() != 2 or vectors.shape[1] != model.d_model:
         raise ValueError(f"vectors must be (n, d_model={model.d_model}), got {tuple(vectors.shape)}")
-    if remote.is_remote(model.remote):
-        theta = vectors.float().cpu()
-    else:
-        weight = next(model.hf.parameters())
-        theta = vectors.to(device=weight.device, dtype=weight.dtype)
-    enc = encode(model, [model.tokenizer.decode([model.tokenizer.pad_token_id])])
+    theta = _placed(model, vectors)
+    encs = [encode(model, [model.tokenizer.decode([model.tokenizer.pad_token_id])])]
     norm = model.arch.get(model.nn, model.arch.final_norm)
     unembed = model.arch.get(model.nn, model.arch.unembed)
 
-    def body():
-        with _trace(model, enc):
-            logits = nnsight.save(unembed(norm(theta[:, None, :]))[:, -1].float())
-        return logits
+    def step(b: int):
+        return unembed(norm(theta[:, None, :]))[:, -1].float()
 
-    return _request(model, "vocab", enc, body).cpu()
+    return _requests(model, "vocab", encs, step, _value_bytes(model, True) * len(theta))[0]
