@@ -8,7 +8,7 @@ MODEL ?= gemma-3-270m
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install book test bench clean
+.PHONY: install book test bench clean ndif-install ndif-start ndif-stop
 
 install: $(STAMP)
 
@@ -33,6 +33,7 @@ book: $(STAMP)
 # The browser checks of the built book need Debian's chromium: installed here when possible.
 test: $(STAMP)
 	sh scripts/ensure_chromium.sh
+	$(PY) scripts/ndif_local.py install --or-skip
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -40,3 +41,20 @@ bench: $(STAMP)
 
 clean:
 	rm -rf results .pytest_cache
+
+# A local, CPU-only NDIF server (scripts/ndif_local.py: the real ndif server, its venvs cached under
+# ~/.cache/taskvec/ndif or $TASKVEC_CACHE/ndif) serving the embedded MODEL at http://127.0.0.1:NDIF_PORT,
+# every file of it in NDIF_DIR. `make test` installs it too (the tests start and stop their own).
+NDIF_DIR ?= /tmp/taskvec-ndif
+NDIF_PORT ?= 8001
+
+ndif-install:
+	$(PYTHON) scripts/ndif_local.py install
+
+ndif-start: $(STAMP) ndif-install
+	$(PY) scripts/ndif_local.py start --dir $(NDIF_DIR) --api-port $(NDIF_PORT)
+	$(PY) scripts/ndif_local.py deploy --dir $(NDIF_DIR) \
+		"$$($(PY) -c 'from taskvec.models import embedded_path; print(embedded_path("$(MODEL)")[0])')"
+
+ndif-stop:
+	$(PYTHON) scripts/ndif_local.py stop --dir $(NDIF_DIR)
