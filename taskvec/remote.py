@@ -142,7 +142,11 @@ def call(fn: Callable[[], T], remote: bool | str, model: str, sleep=time.sleep) 
             labels = ", ".join(f"{k} {v}" for k, v in _WHERE.get().items())
             what = "unreachable or dropped the connection" if transient else "failed"
             tries = f" after {attempt} attempts" if transient else ""
-            detail = _scrub(f"{type(error).__name__}: {error}")
-            raise RemoteRunError(f"NDIF request to {target} {what}{tries} (model {model}"
-                                 f"{', ' + labels if labels else ''}): {detail}") from None
+            text = _scrub(str(error))
+            # A server-side failure arrives as the server's whole traceback: its last line says what failed.
+            last = [line for line in text.strip().splitlines() if line.strip()][-1:] or [""]
+            failure = RemoteRunError(f"NDIF request to {target} {what}{tries} (model {model}"
+                                     f"{', ' + labels if labels else ''}): {type(error).__name__}: {last[0].strip()}")
+            failure.remote_text = text  # the full text, for a reader who needs the server's traceback
+            raise failure from None
     raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,141 @@
+"""taskvec's own code against a real NDIF server (tests/ndif_server.py): remote equals local, and each
+failure a user can meet is reported by name and loses nothing.
+
+`remote="local"` cannot prove this: it runs in-process, where taskvec is importable; a real server
+has no taskvec, so these requests only work because taskvec ships its source with each of them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_model
+from taskvec import mechanism, remote
+from taskvec.experiment import Protocol, run_main_experiment
+from taskvec.models import load_model
+from taskvec.store import Store
+from taskvec.tasks import load_tasks
+
+pytest_plugins = ["ndif_server"]
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["example:a->b\nexample:c->", "example:x->", "example:hot->cold\nexample:up->", "example:q->"]
+KEY = "tv-dummy-key-7f3a9c1e5b-must-not-be-written"
+
+
+@pytest.fixture(scope="module")
+def served(ndif_server):
+    """The served tiny Llama, through taskvec's remote loader, and the same model loaded here."""
+    import nnsight
+
+    nnsight.CONFIG.APP.REMOTE_LOGGING = False
+    return load_model(ndif_server.models["tiny"], remote=ndif_server.host), tiny_model("llama")
+
+
+def test_remote_equals_local_on_every_operation(served):
+    far, near = served
+    assert {p.device.type for p in far.hf.parameters()} == {"meta"}  # nothing loaded here
+    vectors = torch.randn(len(TEXTS), near.n_layers, near.d_model, generator=torch.Generator().manual_seed(3)) * 3
+    dummies = [[t, t + "a"] for t in TEXTS]
+    for name, call in {
+        "next_tokens": lambda m: mechanism.next_tokens(m, TEXTS, batch_size=2),
+        "theta": lambda m: mechanism.task_vectors(m, dummies, batch_size=3),
+        "sweep": lambda m: mechanism.patched_next_tokens(m, TEXTS, vectors, range(near.n_layers), batch_size=5),
+        "vocab": lambda m: mechanism.vocab_logits(m, vectors[:, 2]),
+    }.items():
+        a, b = call(far), call(near)
+        if a.dtype == torch.long:
+            assert a.tolist() == b.tolist(), name  # token ids exactly
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()), msg=name)
+
+
+def test_a_phase_is_one_request(served):
+    far, _ = served
+    mechanism.USAGE.reset()
+    mechanism.hidden_states(far, TEXTS * 4, batch_size=2, phase="bundled")  # 8 batches
+    entry = mechanism.USAGE.by_phase["bundled"]
+    assert (entry["requests"], entry["traces"]) == (1, 8)
+
+
+def test_main_experiment_on_gemma_through_the_server_equals_local(ndif_server, real_model, tmp_path):
+    """Two tasks of the tiny profile's protocol, through the server and here: identical tables."""
+    tasks = load_tasks(["next_letter", "antonyms"])
+    protocol = Protocol(n_dev=6, n_test=6, n_baseline=6)
+    far = load_model("gemma-3-270m", remote=ndif_server.host)
+    remote_result = run_main_experiment(far, tasks, protocol, progress=False)
+    local_result = run_main_experiment(real_model, tasks, protocol, progress=False)
+    columns = ["task", "n_usable", "best_layer", "baseline_acc", "hypothesis_acc", "regular_acc"]
+    pd.testing.assert_frame_equal(remote_result.accuracy[columns], local_result.accuracy[columns])
+    assert remote_result.predictions["token_id"].tolist() == local_result.predictions["token_id"].tolist()
+
+
+def test_an_undeployed_model_is_named(ndif_server, tmp_path):
+    folder = tmp_path / "not-served"
+    model = tiny_model("gpt2")
+    model.hf.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    far = load_model(str(folder), remote=ndif_server.host)
+    with remote.where(task="antonyms"), pytest.raises(remote.RemoteRunError) as info:
+        mechanism.next_tokens(far, TEXTS[:1], phase="regular")
+    message = str(info.value)
+    for part in (ndif_server.host, str(folder), "task antonyms", "phase regular"):
+        assert part in message, (part, message)
+
+
+def test_a_server_side_exception_is_surfaced_not_retried(served, ndif_server):
+    far, near = served
+    wrong = torch.zeros(1, near.n_layers, near.d_model + 1)  # one too wide: fails when written on the server
+    mechanism.USAGE.reset()
+    with pytest.raises(remote.RemoteRunError, match=r"failed \(model .*phase boom\): RemoteError: RuntimeError: "
+                                                    r"The expanded size of the tensor \(32\) must match") as info:
+        mechanism.patched_next_tokens(far, TEXTS[:1], wrong, [1], phase="boom")
+    assert "Traceback" in info.value.remote_text and "Traceback" not in str(info.value)
+    assert mechanism.USAGE.by_phase == {}  # one attempt: a failed request is not counted as done
+
+
+def test_the_key_is_never_written(ndif_server, tmp_path):
+    """A recognizable key in the environment, a whole CLI run against the server: no file it wrote holds it."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**os.environ, "NDIF_API_KEY": KEY, "NDIF_HOST": ndif_server.host}
+    run = subprocess.run([sys.executable, "-m", "taskvec", "main", "--model", ndif_server.models["tiny"], "--remote",
+                          "--tasks", "next_letter", "--n-dev", "3", "--n-test", "3", "--n-baseline", "3",
+                          "--single-token", "false", "--out", str(out), "--cache-dir", str(cache)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert KEY not in run.stdout + run.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "accuracy.csv" for p in files) and any(p.name == "predictions.jsonl" for p in files)
+    assert [p for p in files if KEY.encode() in p.read_bytes()] == []
+    # The key did travel: ndif 0.1.2's own API log records it with each request (the server's doing,
+    # not ours), which shows this run really sent it.
+    assert KEY in (ndif_server.dir / "logs" / "api.log").read_text(errors="replace")
+
+
+def test_server_down_mid_run_names_the_task_and_a_rerun_resumes(served, ndif_server, tmp_path, monkeypatch):
+    """Last in this file: it stops the server. Finished tasks stay cached; the rerun computes only the rest."""
+    far, _ = served
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.1)
+    store, protocol = Store(tmp_path), Protocol(n_dev=3, n_test=3, n_baseline=3, single_token=False)
+    first, second = load_tasks(["next_letter", "to_upper"])
+    done = run_main_experiment(far, [first], protocol, progress=False, store=store)
+    ndif_server.stop()
+    try:
+        with pytest.raises(remote.RemoteRunError) as info:
+            run_main_experiment(far, [first, second], protocol, progress=False, store=store)
+        message = str(info.value)
+        for part in (ndif_server.host, "task to_upper", "unreachable", "after 3 attempts"):
+            assert part in message, (part, message)
+    finally:
+        ndif_server.start()
+    resumed = run_main_experiment(far, [first, second], protocol, progress=False, store=store)
+    assert resumed.meta["cached_tasks"] == ["next_letter"]
+    pd.testing.assert_frame_equal(resumed.accuracy.iloc[:1].drop(columns="seconds"),
+                                  done.accuracy.drop(columns="seconds"))
