@@ -42,6 +42,21 @@ class RemoteRunError(TaskvecError):
     """A remote request that failed; the message names host, model, task and phase."""
 
 
+def setting(value) -> bool | str:
+    """A remote setting as users write it: True/False, "true"/"false" (papermill's ``-p remote true``
+    passes a string), "local" (nnsight's in-process simulation) or an NDIF host URL."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip()
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0", ""):
+        return False
+    if text == "local" or text.startswith(("http://", "https://")):
+        return text
+    raise RemoteSetupError(f"remote must be true, false or an NDIF host URL (http://host:port), got {value!r}")
+
+
 def is_remote(remote: bool | str) -> bool:
     """True for a real server (``True`` or a host URL); ``"local"`` is nnsight's in-process simulation."""
     return bool(remote) and remote != "local"

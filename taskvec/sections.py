@@ -21,6 +21,7 @@ from . import analysis
 from .errors import SettingError
 from .experiment import MainResult, Protocol, run_main_experiment
 from .models import TaskModel, load_model, placement
+from .remote import setting as remote_setting
 from .store import ANALYSIS_MODULES, Store, make_key, model_fingerprint
 from .tasks import load_task, load_tasks
 
@@ -41,13 +42,17 @@ def store_for(cache_dir: str | None) -> Store:
 
 @lru_cache(maxsize=4)
 def _model(name: str, remote: bool | str) -> TaskModel:
+    if remote:
+        from nnsight import CONFIG
+
+        CONFIG.APP.REMOTE_LOGGING = False  # nnsight's per-request status lines would fill the book's pages
     return load_model(name, remote=remote)
 
 
 def model(name: str, remote: bool | str = False) -> TaskModel:
     """The loaded model, shared by all calls in one process (a notebook); ``remote``: served by NDIF
-    (True for nnsight's configured host, or a host URL), weights never loaded here."""
-    return _model(name, remote)
+    (True or "true" for nnsight's configured host, or a host URL), weights never loaded here."""
+    return _model(name, remote_setting(remote))
 
 
 def as_list(value: str | Sequence[str] | None) -> list[str]:
@@ -66,7 +71,7 @@ def main_results(models: str | Sequence[str], tasks: str | Sequence[str] | None,
 
     ``models`` and ``tasks`` may be lists or comma-separated strings; ``remote`` runs them on NDIF.
     """
-    models, tasks = as_list(models), as_list(tasks)
+    models, tasks, remote = as_list(models), as_list(tasks), remote_setting(remote)
     task_list = load_tasks(tasks or None)
     store = store_for(cache_dir)
     # The model loads only if a task is missing from the cache, through the notebook-wide model()
@@ -136,7 +141,7 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
     setting itself (accuracy w.r.t. B), then the table is scored on ``n_prompts`` test prompts.
     Returns ``table`` and ``dev_curve`` (see :func:`taskvec.analysis.conflicting_tasks`).
     """
-    store = store_for(cache_dir)
+    store, remote = store_for(cache_dir), remote_setting(remote)
     tables, curves = [], []
     for a_name, b_name in pairs:
         task_a, task_b = load_task(a_name), load_task(b_name)
@@ -163,7 +168,7 @@ def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | N
 
     Columns task, layer, rank, token, logit, saturated.
     """
-    store = store_for(cache_dir)
+    store, remote = store_for(cache_dir), remote_setting(remote)
     layers, _ = analysis_layers(result)
     key = make_key(ANALYSIS_MODULES, kind="interpretation", model=name, weights=model_fingerprint(name),
                    placement=placement(name, remote=remote), layers=layers, k=top_k,

@@ -47,7 +47,7 @@ def test_book_is_offline_and_every_chart_renders(built):
     html = Path(record["html"])
     assert book.check_offline(html) == []
     require_chromium()  # skips without the browser; fails on CI (tests/browser.py)
-    for page in ["intro", "method"] + [f"sections/{n}" for n in runner.NOTEBOOKS]:
+    for page in ["intro", "method", "ndif"] + [f"sections/{n}" for n in runner.NOTEBOOKS]:
         result = book.render_check(html / "book" / f"{page}.html")
         name = page.split("/")[-1]
         assert result["charts"] == CHART_PAGES.get(name, 0), (page, result)

@@ -126,3 +126,11 @@ def test_a_server_side_exception_is_not_retried():
 def test_local_runs_are_not_wrapped():
     with pytest.raises(ZeroDivisionError):
         remote.call(lambda: 1 / 0, False, "m")
+
+
+def test_remote_settings_as_users_write_them():
+    assert [remote.setting(v) for v in (True, False, None, "true", "True", "yes", "false", "0", "")] == \
+        [True, False, False, True, True, True, False, False, False]  # papermill's -p remote true is a string
+    assert remote.setting("http://127.0.0.1:8001") == "http://127.0.0.1:8001" and remote.setting("local") == "local"
+    with pytest.raises(remote.RemoteSetupError, match="remote must be true, false or an NDIF host URL"):
+        remote.setting("ndif.example")
