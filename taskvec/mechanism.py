@@ -110,34 +110,50 @@ def next_token_logits(model: TaskModel) -> torch.Tensor:
 #: Largest result one request should bring back: NDIF returns results up to 8 MiB inline over its
 #: websocket, larger ones through its object store (slower), so a phase is split to stay below.
 INLINE_BYTES = 7 * 2**20
+#: Largest request one session should send: NDIF's API refuses a request body over 1 MiB ("There was
+#: an error parsing the body"; measured on ndif 0.1.2: 0.9 MiB passes, 1.1 MiB fails). Inputs and the
+#: θ vectors patched in travel with the request, so remote batches and sessions stay below this.
+REQUEST_BYTES = 640 * 2**10
 
 
-def _requests(model: TaskModel, phase: str, encs: Sequence[dict], step, row_bytes: int) -> list:
-    """Run one trace per batch in ``encs``; ``step(i)`` is called inside batch ``i``'s open trace and
-    returns the value to bring back. Batches are bundled into sessions (one request each, on NDIF one
-    round trip) whose results stay under :data:`INLINE_BYTES` (``row_bytes`` per row). Remote requests
-    are retried and their failures name the host, model, task and phase (:func:`taskvec.remote.call`).
+def _sent_bytes(enc: dict, extra: int = 0) -> int:
+    return sum(int(t.numel() * t.element_size()) for t in enc.values()) + extra
+
+
+def _requests(model: TaskModel, phase: str, encs: Sequence[dict], step, row_bytes: int,
+              sent: Sequence[int] | None = None, args: Sequence | None = None) -> list:
+    """Run one trace per batch in ``encs``; ``step(args[i])`` is called inside batch ``i``'s open trace
+    and returns the value to bring back (``args`` default: None per batch). A request carries only its
+    own batches' inputs and args. Batches are bundled into sessions (one request each, on NDIF one
+    round trip) whose results stay under :data:`INLINE_BYTES` (``row_bytes`` per row) and, remotely,
+    whose requests stay under :data:`REQUEST_BYTES` (``sent[i]`` bytes for batch ``i``, default its
+    inputs). Remote requests are retried and their failures name the host, model, task and phase
+    (:func:`taskvec.remote.call`).
     """
-    groups, group, size = [], [], 0
+    far = remote.is_remote(model.remote)
+    sent = list(sent) if sent is not None else [_sent_bytes(enc) for enc in encs]
+    groups, group, size, load = [], [], 0, 0
     for i, enc in enumerate(encs):
         rows = int(enc["input_ids"].shape[0]) * row_bytes
-        if group and size + rows > INLINE_BYTES:
+        if group and (size + rows > INLINE_BYTES or (far and load + sent[i] > REQUEST_BYTES)):
             groups.append(group)
-            group, size = [], 0
+            group, size, load = [], 0, 0
         group.append(i)
-        size += rows
+        size, load = size + rows, load + sent[i]
     groups.append(group)
-    if remote.is_remote(model.remote):
+    if far:
         remote.ship_code()
     out: list = [None] * len(encs)
     # logits_to_keep=1: the unembedding runs on the last position only (262k-wide for Gemma 3).
+    args = list(args) if args is not None else [None] * len(encs)
     for group in groups:
-        def body(group=group):
+        # Only this request's batches: the body is serialized with everything it refers to.
+        def body(batches=[(dict(encs[i]), args[i]) for i in group]):
             with model.nn.session(remote=model.remote):
                 values = nnsight.save([])
-                for i in group:
-                    with model.nn.trace(dict(encs[i]), logits_to_keep=1):
-                        values.append(step(i))
+                for enc, arg in batches:
+                    with model.nn.trace(enc, logits_to_keep=1):
+                        values.append(step(arg))
             return values
 
         with USAGE.track(phase, [encs[i] for i in group]), remote.where(phase=phase):
@@ -164,7 +180,7 @@ def next_tokens(model: TaskModel, texts: Sequence[str], batch_size: int = 64, ph
     index = list(_length_batches(model, texts, batch_size))
     encs = [encode(model, [texts[i] for i in rows]) for rows in index]
 
-    def step(b: int):
+    def step(_):
         logits = next_token_logits(model)
         return logits.float() if return_logits else logits.argmax(-1)
 
@@ -185,7 +201,7 @@ def hidden_states(model: TaskModel, texts: Sequence[str], batch_size: int = 64, 
     index = list(_length_batches(model, texts, batch_size))
     encs = [encode(model, [texts[i] for i in rows]) for rows in index]
 
-    def step(b: int):
+    def step(_):
         return torch.stack([last_token_residual(model, layer) for layer in range(n_layers)], dim=1)
 
     values = _requests(model, phase, encs, step, 4 * n_layers * model.d_model)
@@ -236,6 +252,8 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
         raise ValueError(f"layers {bad} out of range for a model with {model.n_layers} layers")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers must not repeat, got {layers}")
+    if remote.is_remote(model.remote):  # the θ rows of a batch travel with the request
+        batch_size = max(1, min(batch_size, REQUEST_BYTES // 2 // (4 * model.d_model)))
     # One row per (layer, text); rows are grouped by layer so each layer patches a contiguous block.
     jobs = [(li, i) for li in range(len(layers)) for i in range(n)]
     chunks = [jobs[rows] for rows in _batches(len(jobs), batch_size)]
@@ -250,13 +268,14 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
                        _placed(model, vectors[[i for _, i in members], layer]))
                       for layer, members in sorted(blocks.items())])
 
-    def step(b: int):
-        for layer, block, theta in plans[b]:
+    def step(plan):
+        for layer, block, theta in plan:
             patch_last_token(model, layer, theta, block)
         logits = next_token_logits(model)
         return logits.float() if return_logits else logits.argmax(-1)
 
-    values = _requests(model, phase, encs, step, _value_bytes(model, return_logits))
+    sent = [_sent_bytes(enc, sum(int(theta.numel() * 4) for _, _, theta in plan)) for enc, plan in zip(encs, plans)]
+    values = _requests(model, phase, encs, step, _value_bytes(model, return_logits), sent, plans)
     result = torch.empty((len(layers), n, *values[0].shape[1:]), dtype=values[0].dtype)
     for chunk, value in zip(chunks, values):
         for row, (li, i) in enumerate(chunk):
@@ -278,7 +297,8 @@ def vocab_logits(model: TaskModel, vectors: torch.Tensor) -> torch.Tensor:
     norm = model.arch.get(model.nn, model.arch.final_norm)
     unembed = model.arch.get(model.nn, model.arch.unembed)
 
-    def step(b: int):
-        return unembed(norm(theta[:, None, :]))[:, -1].float()
+    def step(vectors):
+        return unembed(norm(vectors[:, None, :]))[:, -1].float()
 
-    return _requests(model, "vocab", encs, step, _value_bytes(model, True) * len(theta))[0]
+    return _requests(model, "vocab", encs, step, _value_bytes(model, True) * len(theta),
+                     [_sent_bytes(encs[0], int(theta.numel() * 4))], [theta])[0]

@@ -139,3 +139,16 @@ def test_server_down_mid_run_names_the_task_and_a_rerun_resumes(served, ndif_ser
     assert resumed.meta["cached_tasks"] == ["next_letter"]
     pd.testing.assert_frame_equal(resumed.accuracy.iloc[:1].drop(columns="seconds"),
                                   done.accuracy.drop(columns="seconds"))
+
+
+def test_a_sweep_larger_than_a_request_is_split_and_still_equals_local(ndif_server, real_model):
+    """NDIF refuses a request body over 1 MiB: 60 prompts x 18 layers of Gemma's θ are 2.7 MB to send."""
+    far = load_model("gemma-3-270m", remote=ndif_server.host)
+    texts = [f"example:{chr(97 + i % 26)}->" for i in range(60)]
+    vectors = mechanism.hidden_states(real_model, texts)  # any realistic θ: each prompt's own states
+    mechanism.USAGE.reset()
+    got = mechanism.patched_next_tokens(far, texts, vectors, range(far.n_layers), phase="big sweep")
+    entry = mechanism.USAGE.by_phase["big sweep"]
+    assert entry["requests"] >= 4 and entry["rows"] == 60 * far.n_layers
+    want = mechanism.patched_next_tokens(real_model, texts, vectors, range(real_model.n_layers))
+    assert got.tolist() == want.tolist()
