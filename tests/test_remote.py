@@ -134,3 +134,24 @@ def test_remote_settings_as_users_write_them():
     assert remote.setting("http://127.0.0.1:8001") == "http://127.0.0.1:8001" and remote.setting("local") == "local"
     with pytest.raises(remote.RemoteSetupError, match="remote must be true, false or an NDIF host URL"):
         remote.setting("ndif.example")
+
+
+def test_the_ndif_profile_without_a_key_fails_before_any_compute(monkeypatch):
+    from nnsight import CONFIG
+
+    from taskvec import runner, sections
+
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    monkeypatch.setattr(CONFIG.API, "HOST", remote.PUBLIC_HOST)
+    monkeypatch.setattr(sections, "main_results", lambda *a, **k: pytest.fail("computed without a key"))
+    with pytest.raises(remote.RemoteSetupError, match=r"no NDIF API key for https://api.ndif.us \(model 'EleutherAI/gpt-j-6b'\)"):
+        runner.run("ndif", build=False, log=lambda *_: None)
+
+
+def test_profile_remote_values_are_checked(tmp_path):
+    from taskvec import runner
+
+    path = tmp_path / "e.yaml"
+    path.write_text("profiles:\n  p:\n    models: [gemma-3-270m]\n    remote: ndif.example\n")
+    with pytest.raises(runner.ExperimentFileError, match=r"e.yaml: profiles.p.remote must be true, false or an http"):
+        runner.load_experiments(path)
