@@ -321,6 +321,20 @@ def task_key(model_name: str, weights: str, task: Task, protocol: Protocol, prom
                     prompts=None if prompts is None else {k: [p.to_json() for p in v] for k, v in prompts.as_dict().items()})
 
 
+def main_keys(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol,
+              prompts: dict[str, PromptSet] | None = None, remote: bool | str = False) -> dict[str, str]:
+    """Cache key of each task's result (:func:`task_key`) for a loaded model, or for a model name as
+    ``load_model(name, remote=remote)`` would load it, without loading anything."""
+    name = model if isinstance(model, str) else model.name
+    weights = model_fingerprint(model) if isinstance(model, str) else model.weights_sha256
+    if not weights:
+        raise ValueError(f"model {name!r} has no weights hash; caching needs one (TaskModel.weights_sha256)")
+    device, dtype = placement(name, remote=remote) if isinstance(model, str) else model.placement
+    prompts = prompts or {}
+    return {t.name: task_key(name, weights, t, protocol, prompts.get(t.name), device=device, dtype=dtype)
+            for t in tasks}
+
+
 def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol | None = None,
                         prompts: dict[str, PromptSet] | None = None, progress: bool = True,
                         store: Store | None = None, loader=load_model, remote: bool | str = False) -> MainResult:
@@ -342,14 +356,7 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
     need = protocol.n_shots + 1 + protocol.n_dummies
     prompts = prompts or {}
     name = model if isinstance(model, str) else model.name
-    weights = device = dtype = None
-    if store:
-        weights = model_fingerprint(model) if isinstance(model, str) else model.weights_sha256
-        if not weights:
-            raise ValueError(f"model {name!r} has no weights hash; caching needs one (TaskModel.weights_sha256)")
-        device, dtype = placement(name, remote=remote) if isinstance(model, str) else model.placement
-    keys = {t.name: task_key(name, weights, t, protocol, prompts.get(t.name), device=device, dtype=dtype)
-            for t in tasks} if store else {}
+    keys = main_keys(model, tasks, protocol, prompts, remote) if store else {}
     cached = {t.name for t in tasks if store and store.has("main", name, keys[t.name])}
     loaded: list[TaskModel] = [] if isinstance(model, str) else [model]
 
@@ -415,7 +422,7 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
                                "dev_acc": value, "saturated": saturated})
         preds.append(result.predictions)
         vectors[task.name] = result.test_vectors
-    meta = {"weights_sha256": weights or getattr(model, "weights_sha256", None),
+    meta = {"weights_sha256": loaded[0].weights_sha256 if loaded else model_fingerprint(name),
             "cached_tasks": sorted(cached), "protocol": asdict(protocol)}
     if loaded:
         meta.update(loaded[0].info)

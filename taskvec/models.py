@@ -231,6 +231,13 @@ class TaskModel:
         return weight.device.type, dtype_name(weight.dtype)
 
 
+def _pad_left(tokenizer: Any) -> None:
+    """Batches are left padded (the last token is the one read and patched); EOS pads if nothing else does."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
 def wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str, weights_sha256: str | None = None,
          remote: bool | str = False) -> TaskModel:
     """Wrap an already-loaded transformers causal LM (used for tests' tiny random models too)."""
@@ -239,9 +246,7 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str, weights_sha256: s
     arch = arch_for(hf_model.config)  # fail before anything else on an unsupported family
     arch.validate(hf_model)
     hf_model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    _pad_left(tokenizer)
     # device= keeps the model where it is: left unset, the pipeline nnsight builds moves it to cuda:0.
     device = next(hf_model.parameters()).device
     nn = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation", device=device)
@@ -291,9 +296,7 @@ def load_remote(name: str, remote: bool | str = True, revision: str | None = Non
     arch = arch_for(config)
     nn = TransformersModel(path, tokenizer=tokenizer, revision=revision, task="text-generation")  # meta: no dispatch
     arch.validate(nn._module)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    _pad_left(tokenizer)
     model = TaskModel(name=name, nn=nn, tokenizer=tokenizer, arch=arch,
                       weights_sha256=model_fingerprint(name, revision), remote=remote)
     model.info = {"source": source, "remote_host": host, "revision": revision}

@@ -30,8 +30,8 @@ import yaml
 
 from . import remote
 from .errors import SettingError, TaskvecError
-from .experiment import Protocol, task_key
-from .store import code_version, make_key, model_fingerprint
+from .experiment import Protocol, main_keys
+from .store import code_version, make_key
 from .tasks import load_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,15 +151,8 @@ def check_parameters(profile: Profile, nb_dir: Path) -> None:
 def results_keys(models: Sequence[str], tasks: Sequence[str], protocol: Protocol,
                  remote: bool | str = False) -> dict[str, dict[str, str]]:
     """Main-experiment cache key per model and task (``tasks`` empty: all), without loading any model."""
-    from .models import placement
-
     task_list = load_tasks(list(tasks) or None)
-    keys = {}
-    for m in models:
-        device, dtype = placement(m, remote=remote)
-        keys[m] = {t.name: task_key(m, model_fingerprint(m), t, protocol, device=device, dtype=dtype)
-                   for t in task_list}
-    return keys
+    return {m: main_keys(m, task_list, protocol, remote=remote) for m in models}
 
 
 def package_sources() -> str:
