@@ -166,30 +166,33 @@ def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Pr
 
 # --- interpretation: θ in the vocabulary --------------------------------------------
 
+def _top_tokens(model: TaskModel, logits: torch.Tensor, k: int) -> pd.DataFrame:
+    values, ids = logits.topk(k)
+    return pd.DataFrame({"rank": range(1, k + 1), "token": [model.tokenizer.decode([int(i)]) for i in ids],
+                         "logit": values.numpy()})
+
+
 def project_to_vocab(model: TaskModel, vector: torch.Tensor, k: int = 20) -> pd.DataFrame:
     """Top-``k`` tokens of a residual-stream vector read through the final norm and the unembedding.
 
     ``vector``: (d_model,). Returns rank, token, logit. The read-out the model applies after its
     last layer, run through :func:`taskvec.mechanism.vocab_logits` (so on NDIF too).
     """
-    logits = mechanism.vocab_logits(model, vector[None, :])[0]
-    values, ids = logits.topk(k)
-    return pd.DataFrame({"rank": range(1, k + 1), "token": [model.tokenizer.decode([int(i)]) for i in ids],
-                         "logit": values.numpy()})
+    return _top_tokens(model, mechanism.vocab_logits(model, vector[None, :])[0], k)
 
 
 def task_vector_tokens(model: TaskModel, vectors: dict[str, torch.Tensor], layers: dict[str, int],
                        k: int = 20) -> pd.DataFrame:
-    """Per task: the top-``k`` tokens of its mean task vector at its layer. Columns task, layer, rank, token, logit."""
-    frames = []
-    for task, tensor in vectors.items():
-        layer = layers[task]
-        if layer < 0 or tensor.shape[0] == 0:
-            continue
-        table = project_to_vocab(model, tensor[:, layer, :].mean(dim=0), k)
-        frames.append(table.assign(task=task, layer=layer))
-    if not frames:
+    """Per task: the top-``k`` tokens of its mean task vector at its layer. Columns task, layer, rank, token, logit.
+
+    All tasks' vectors are read out together (one forward, one request on NDIF).
+    """
+    kept = [(task, layers[task]) for task, tensor in vectors.items() if layers[task] >= 0 and tensor.shape[0] > 0]
+    if not kept:
         return pd.DataFrame(columns=["task", "layer", "rank", "token", "logit"])
+    means = torch.stack([vectors[task][:, layer, :].mean(dim=0) for task, layer in kept])
+    logits = mechanism.vocab_logits(model, means)
+    frames = [_top_tokens(model, row, k).assign(task=task, layer=layer) for (task, layer), row in zip(kept, logits)]
     return pd.concat(frames, ignore_index=True)[["task", "layer", "rank", "token", "logit"]]
 
 
