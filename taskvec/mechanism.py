@@ -148,13 +148,15 @@ def _requests(model: TaskModel, phase: str, encs: Sequence[dict], step, row_byte
     args = list(args) if args is not None else [None] * len(encs)
     for group in groups:
         # Only this request's batches: the body is serialized with everything it refers to.
+        # Remotely the session is submitted when it exits and collected by remote.wait (bounded).
         def body(batches=[(dict(encs[i]), args[i]) for i in group]):
-            with model.nn.session(remote=model.remote):
+            job = remote.backend(model.nn, model.remote)
+            with model.nn.session(backend=job, remote=model.remote):
                 values = nnsight.save([])
                 for enc, arg in batches:
                     with model.nn.trace(enc, logits_to_keep=1):
                         values.append(step(arg))
-            return values
+            return remote.wait(job)["values"] if job is not None else values
 
         with USAGE.track(phase, [encs[i] for i in group]), remote.where(phase=phase):
             values = remote.call(body, model.remote, model.name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import time
 from typing import Callable, TypeVar
 
@@ -27,6 +28,13 @@ PUBLIC_HOST = "https://api.ndif.us"
 ATTEMPTS = 3
 #: Seconds before the second attempt; doubled for each further one.
 BACKOFF_S = 2.0
+
+#: Seconds one request may take, waiting in the server's queue included, before it is given up
+#: (``TASKVEC_NDIF_TIMEOUT`` overrides it). A request that runs out is not retried: the server may
+#: still be working on it; finished tasks stay cached, and a rerun resumes after them.
+TIMEOUT_S = float(os.environ.get("TASKVEC_NDIF_TIMEOUT", "1800"))
+#: Seconds between two status polls of a submitted request.
+POLL_S = 0.25
 
 T = TypeVar("T")
 
@@ -40,6 +48,10 @@ class RemoteSetupError(TaskvecError):
 
 class RemoteRunError(TaskvecError):
     """A remote request that failed; the message names host, model, task and phase."""
+
+
+class RequestTimeout(Exception):
+    """A submitted request gave no result within :data:`TIMEOUT_S` (raised by :func:`wait`)."""
 
 
 def setting(value) -> bool | str:
@@ -101,6 +113,39 @@ def ship_code() -> None:
     nnsight.register(taskvec)
 
 
+def backend(nn_model, remote: bool | str):
+    """The backend of one request: for a real server a non-blocking one (submitted when its session
+    exits, then collected by :func:`wait`, which can give up); None otherwise (nnsight's own).
+
+    nnsight's blocking backend waits on its websocket without a deadline, so a request the server
+    never answers would hang a run for good; polling bounds it.
+    """
+    if not is_remote(remote):
+        return None
+    from nnsight.intervention.backends.remote import RemoteBackend
+
+    return RemoteBackend(nn_model.to_model_key(), host=host(remote), blocking=False)
+
+
+def wait(job, timeout: float | None = None, poll: float | None = None,
+         clock=time.monotonic, sleep=time.sleep) -> dict:
+    """The saved values of a submitted request (``job`` from :func:`backend`), polled until done.
+
+    Raises nnsight's ``RemoteError`` when the job fails on the server, and :class:`RequestTimeout`
+    when it has not finished ``timeout`` seconds (default :data:`TIMEOUT_S`) after this call.
+    """
+    limit = TIMEOUT_S if timeout is None else timeout
+    deadline = clock() + limit
+    while True:
+        result = job()
+        if result is not None:
+            return result
+        if clock() >= deadline:
+            status = getattr(job.status, "name", job.status) or "not yet queued"
+            raise RequestTimeout(f"no result within {limit:g} s (job {job.job_id}, last status {status})")
+        sleep(POLL_S if poll is None else poll)
+
+
 @contextlib.contextmanager
 def where(**parts: str):
     """Label the remote requests made inside this block (e.g. ``task=``, ``phase=``) for error messages."""
@@ -155,7 +200,8 @@ def call(fn: Callable[[], T], remote: bool | str, model: str, sleep=time.sleep) 
                 sleep(BACKOFF_S * 2 ** (attempt - 1))
                 continue
             labels = ", ".join(f"{k} {v}" for k, v in _WHERE.get().items())
-            what = "unreachable or dropped the connection" if transient else "failed"
+            what = ("timed out" if isinstance(error, RequestTimeout) else
+                    "unreachable or dropped the connection" if transient else "failed")
             tries = f" after {attempt} attempts" if transient else ""
             text = _scrub(str(error))
             # A server-side failure arrives as the server's whole traceback: its last line says what failed.

@@ -101,6 +101,18 @@ def test_a_server_side_exception_is_surfaced_not_retried(served, ndif_server):
     assert mechanism.USAGE.by_phase == {}  # one attempt: a failed request is not counted as done
 
 
+def test_a_request_without_an_answer_in_time_is_named_not_retried(served, monkeypatch):
+    """nnsight's blocking wait has no deadline; taskvec polls with one (remote.TIMEOUT_S) and gives up once."""
+    far, _ = served
+    monkeypatch.setattr(remote, "TIMEOUT_S", 0.0)  # the first poll comes before the server has answered
+    monkeypatch.setattr(remote, "ATTEMPTS", 3)
+    mechanism.USAGE.reset()
+    with pytest.raises(remote.RemoteRunError, match=r"timed out \(model .*phase slow\): RequestTimeout: "
+                                                    r"no result within 0 s \(job [0-9a-f]+, last status"):
+        mechanism.next_tokens(far, TEXTS[:1], phase="slow")
+    assert mechanism.USAGE.by_phase == {}
+
+
 def test_the_key_is_never_written(ndif_server, tmp_path):
     """A recognizable key in the environment, a whole CLI run against the server: no file it wrote holds it."""
     out, cache = tmp_path / "out", tmp_path / "cache"

@@ -155,3 +155,41 @@ def test_profile_remote_values_are_checked(tmp_path):
     path.write_text("profiles:\n  p:\n    models: [gemma-3-270m]\n    remote: ndif.example\n")
     with pytest.raises(runner.ExperimentFileError, match=r"e.yaml: profiles.p.remote must be true, false or an http"):
         runner.load_experiments(path)
+
+
+class _Job:
+    """A submitted request as remote.wait sees it: None until it is done."""
+
+    def __init__(self, polls_until_done):
+        self.left, self.job_id, self.status = polls_until_done, "j1", None
+
+    def __call__(self):
+        self.left -= 1
+        return {"values": [1]} if self.left <= 0 else None
+
+
+def test_wait_polls_until_done_and_gives_up_at_its_deadline():
+    now = [0.0]
+    clock, sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
+    assert remote.wait(_Job(4), timeout=10, poll=1, clock=clock, sleep=sleep) == {"values": [1]}
+    assert now[0] == 3  # three polls came back empty, one second apart
+    now[0] = 0.0
+    with pytest.raises(remote.RequestTimeout, match=r"no result within 5 s \(job j1, last status not yet queued\)"):
+        remote.wait(_Job(100), timeout=5, poll=1, clock=clock, sleep=sleep)
+    assert now[0] == 5
+
+
+def test_a_timeout_is_named_and_not_retried(monkeypatch):
+    from nnsight import CONFIG
+
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    tries = []
+
+    def slow():
+        tries.append(1)
+        raise remote.RequestTimeout("no result within 9 s (job j1, last status QUEUED)")
+
+    with remote.where(task="t1", phase="sweep"), pytest.raises(
+            remote.RemoteRunError, match=r"to http://h:1 timed out \(model m, task t1, phase sweep\)"):
+        remote.call(slow, "http://h:1", "m", sleep=lambda s: None)
+    assert tries == [1]
