@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = Path(__file__).resolve().parent
 #: Section notebooks in reading order; the last two read what the others produced.
 NOTEBOOKS = ("finding_L", "accuracy", "geometry", "dominance", "interpretation", "comparison", "provenance")
-COMMON = ("models", "tasks", "protocol", "cache_dir", "remote")
-PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections", "remote"}
+COMMON = ("models", "tasks", "protocol", "cache_dir", "remote", "beside")
+PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections", "remote", "beside"}
 
 
 class ExperimentFileError(SettingError):
@@ -56,10 +56,11 @@ class Profile:
     protocol: dict
     sections: dict[str, dict] = field(default_factory=dict)
     remote: bool | str = False  # NDIF: True (nnsight's configured host) or a host URL
+    beside: dict[str, bool | str] = field(default_factory=dict)  # cached runs shown beside: model -> remote
 
     def parameters(self, notebook: str, cache_dir: str = "") -> dict[str, Any]:
         return {"models": self.models, "tasks": self.tasks, "protocol": self.protocol, "cache_dir": cache_dir,
-                "remote": self.remote, **self.sections.get(notebook, {})}
+                "remote": self.remote, "beside": self.beside, **self.sections.get(notebook, {})}
 
 
 def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
@@ -120,7 +121,14 @@ def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
         served = raw.get("remote", False)
         if not (isinstance(served, bool) or (isinstance(served, str) and served.startswith(("http://", "https://")))):
             fail(f"{where}.remote must be true, false or an http(s) URL of an NDIF host, got {served!r}")
-        profiles[name] = Profile(name, str(raw.get("description", "")), models, tasks, protocol, sections, served)
+        beside = raw.get("beside") or {}
+        if not (isinstance(beside, dict) and all(isinstance(m, str) for m in beside)):
+            fail(f"{where}.beside must map model names to a remote setting (true, false or an NDIF host URL)")
+        for model, value in beside.items():
+            if not (isinstance(value, bool) or (isinstance(value, str) and value.startswith(("http://", "https://")))):
+                fail(f"{where}.beside.{model} must be true, false or an http(s) URL of an NDIF host, got {value!r}")
+        profiles[name] = Profile(name, str(raw.get("description", "")), models, tasks, protocol, sections, served,
+                                 beside)
     default = data.get("default", next(iter(profiles)))
     if default not in profiles:
         fail(f"default profile {default!r} is not defined")
@@ -262,11 +270,15 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
                     "compute_seconds": round(float(r.accuracy["seconds"].sum()), 1)} for m, r in shared.items()]
 
     results = results_keys(profile.models, profile.tasks, protocol, profile.remote)
+    # Runs shown beside (e.g. NDIF runs of the paper's models) count once all their results are cached.
+    results["beside"] = {label: keys for label, (_, _, keys) in
+                         sections.beside_runs(profile.beside, profile.tasks, protocol, cache_dir or None).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.ipynb"):  # temp files of a run that was killed mid-notebook
         stale.unlink()
     log_path = out_dir / "run_log.json"
     record = {"profile": name, "description": profile.description, "models": profile.models,
+              "beside": sorted(results["beside"]),
               "protocol": profile.protocol, "code_version": code_version(), "versions": versions(),
               "shared_results_seconds": round(shared_s, 1), "main_experiment": main_record, "notebooks": {}}
     for notebook in tqdm(notebooks, desc="notebooks", unit="nb"):

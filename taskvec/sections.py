@@ -19,8 +19,9 @@ import pandas as pd
 
 from . import analysis
 from .errors import SettingError
-from .experiment import MainResult, Protocol, run_main_experiment
+from .experiment import MainResult, Protocol, main_keys, run_main_experiment
 from .models import TaskModel, load_model, placement
+from .remote import is_remote
 from .remote import setting as remote_setting
 from .store import ANALYSIS_MODULES, Store, make_key, model_fingerprint
 from .tasks import load_task, load_tasks
@@ -66,19 +67,59 @@ def as_list(value: str | Sequence[str] | None) -> list[str]:
 
 def main_results(models: str | Sequence[str], tasks: str | Sequence[str] | None, protocol: Protocol,
                  cache_dir: str | None = None, progress: bool = True,
-                 remote: bool | str = False) -> dict[str, MainResult]:
+                 remote: bool | str = False, beside: dict | None = None) -> dict[str, MainResult]:
     """The main experiment per model (cached per task); ``tasks`` empty or None means all 18.
 
     ``models`` and ``tasks`` may be lists or comma-separated strings; ``remote`` runs them on NDIF.
+    ``beside`` adds other runs whose results are already cached (see :func:`beside_runs`), after
+    this run's models; they are read, never computed.
     """
     models, tasks, remote = as_list(models), as_list(tasks), remote_setting(remote)
     task_list = load_tasks(tasks or None)
     store = store_for(cache_dir)
     # The model loads only if a task is missing from the cache, through the notebook-wide model()
     # so later sections (dominance, interpretation) reuse it.
-    return {name: run_main_experiment(name, task_list, protocol, progress=progress, store=store,
-                                      loader=lambda n: model(n, remote), remote=remote)
-            for name in models}
+    results = {name: run_main_experiment(name, task_list, protocol, progress=progress, store=store,
+                                         loader=lambda n: model(n, remote), remote=remote)
+               for name in models}
+    for label, (name, setting, _) in beside_runs(beside, tasks, protocol, cache_dir).items():
+        if label not in results:
+            results[label] = run_main_experiment(name, task_list, protocol, progress=False, store=store,
+                                                 loader=_never_load, remote=setting)
+    return results
+
+
+def _never_load(name: str):
+    raise AssertionError(f"{name}: a run shown beside is read from the cache, never computed")
+
+
+def beside_label(name: str, setting: bool | str) -> str:
+    """How a run shown beside this one is named in tables and charts: ``name (NDIF)`` for a remote one."""
+    return f"{name} (NDIF)" if is_remote(setting) else name
+
+
+def beside_runs(beside: dict | None, tasks: str | Sequence[str] | None, protocol: Protocol,
+                cache_dir: str | None = None) -> dict[str, tuple[str, bool | str, dict[str, str]]]:
+    """The runs of ``beside`` (model name -> remote setting: true, a host URL, or false) whose every
+    task is in the cache under ``protocol``: label -> (model, setting, cache key per task).
+
+    This is how the section pages show, say, the paper's models run on NDIF beside the embedded
+    model: a run that is not (completely) cached is left out, and nothing is loaded or sent to
+    find out (the keys need no weights and no network).
+    """
+    if not beside:
+        return {}
+    if not isinstance(beside, dict):
+        raise SettingError(f"beside must map model names to a remote setting (true, false or a host URL), "
+                           f"got {beside!r}")
+    store, task_list = store_for(cache_dir), load_tasks(as_list(tasks) or None)
+    present = {}
+    for name, value in beside.items():
+        setting = remote_setting(value)
+        keys = main_keys(name, task_list, protocol, remote=setting)
+        if all(store.has("main", name, key) for key in keys.values()):
+            present[beside_label(name, setting)] = (name, setting, keys)
+    return present
 
 
 def accuracy_table(results: dict[str, MainResult]) -> pd.DataFrame:

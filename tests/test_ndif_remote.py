@@ -70,11 +70,20 @@ def test_main_experiment_on_gemma_through_the_server_equals_local(ndif_server, r
     tasks = load_tasks(["next_letter", "antonyms"])
     protocol = Protocol(n_dev=6, n_test=6, n_baseline=6)
     far = load_model("gemma-3-270m", remote=ndif_server.host)
-    remote_result = run_main_experiment(far, tasks, protocol, progress=False)
+    remote_result = run_main_experiment(far, tasks, protocol, progress=False, store=Store(tmp_path))
     local_result = run_main_experiment(real_model, tasks, protocol, progress=False)
     columns = ["task", "n_usable", "best_layer", "baseline_acc", "hypothesis_acc", "regular_acc"]
     pd.testing.assert_frame_equal(remote_result.accuracy[columns], local_result.accuracy[columns])
     assert remote_result.predictions["token_id"].tolist() == local_result.predictions["token_id"].tolist()
+
+    # The section pages show the cached remote run beside a local one, read back without the server.
+    from taskvec import sections
+
+    names = [t.name for t in tasks]
+    shown = sections.main_results([], names, protocol, str(tmp_path), progress=False,
+                                  beside={"gemma-3-270m": ndif_server.host, "EleutherAI/gpt-j-6b": True})
+    assert list(shown) == ["gemma-3-270m (NDIF)"]  # gpt-j has no cached result: left out, nothing sent
+    pd.testing.assert_frame_equal(shown["gemma-3-270m (NDIF)"].accuracy[columns], local_result.accuracy[columns])
 
 
 def test_an_undeployed_model_is_named(ndif_server, tmp_path):

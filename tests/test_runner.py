@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -49,6 +50,8 @@ OK = {"models": ["gemma-3-270m"], "tasks": ["antonyms"], "protocol": {"n_dev": 2
     ({"profiles": {"p": {**OK, "sections": {"geometri": {}}}}}, "unknown section(s) geometri"),
     ({"profiles": {"p": {**OK, "sections": {"geometry": {"models": []}}}}}, "belong(s) to the profile"),
     ({"default": "q", "profiles": {"p": OK}}, "default profile 'q' is not defined"),
+    ({"profiles": {"p": {**OK, "beside": ["gpt2"]}}}, "profiles.p.beside must map model names"),
+    ({"profiles": {"p": {**OK, "beside": {"gpt2": "yes"}}}}, "profiles.p.beside.gpt2 must be true, false or an http(s) URL"),
 ])
 def test_malformed_experiment_file(tmp_path, data, problem):
     path = write_yaml(tmp_path, data)
@@ -221,3 +224,23 @@ def test_results_keys_are_the_keys_the_main_experiment_writes(tiny_gpt2, tmp_pat
     assert store.has("main", str(folder), keys[str(folder)]["next_letter"])
     (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text() + "\n")
     assert runner.results_keys([str(folder)], ["next_letter"], TINY) != keys  # a tokenizer file changed
+
+
+def test_runs_beside_appear_once_cached_and_are_never_computed(tiny_gpt2, tmp_path, monkeypatch):
+    """A profile's ``beside`` runs (e.g. NDIF runs of the paper's models) are read from the cache or left out."""
+    from taskvec import sections
+
+    folder = tmp_path / "model"
+    tiny_gpt2.hf.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    cache = str(tmp_path / "cache")
+    beside = {str(folder): False, "EleutherAI/gpt-j-6b": True}
+    monkeypatch.setattr(sections, "load_model", lambda *a, **k: pytest.fail("a run beside was computed"))
+    assert sections.beside_runs(beside, ["next_letter"], TINY, cache) == {}
+    assert sections.main_results([], ["next_letter"], TINY, cache, progress=False, beside=beside) == {}
+    done = run_main_experiment(str(folder), load_tasks(["next_letter"]), TINY, progress=False, store=Store(cache))
+    assert list(sections.beside_runs(beside, ["next_letter"], TINY, cache)) == [str(folder)]
+    shown = sections.main_results([], ["next_letter"], TINY, cache, progress=False, beside=beside)
+    assert list(shown) == [str(folder)]
+    pd.testing.assert_frame_equal(shown[str(folder)].accuracy, done.accuracy)
+    assert sections.beside_label("EleutherAI/gpt-j-6b", True) == "EleutherAI/gpt-j-6b (NDIF)"
