@@ -125,7 +125,9 @@ def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Pr
     Returns ``table`` (one row per condition: task_a, task_b, condition, acc_a, acc_b, n, layer,
     n_dev) and ``dev_curve`` (one row per layer: task_a, task_b, layer, acc_a, acc_b).
     """
-    fmt = protocol.format
+    # Both tasks in A's format: θ_B is read from prompts written as A's, and B's answers are
+    # scored after A's query line.
+    fmt = protocol.format_for(task_a, model.tokenizer)
     if protocol.single_token:
         task_a = single_token_examples(task_a, model.tokenizer, fmt)
         task_b = single_token_examples(task_b, model.tokenizer, fmt)

@@ -103,7 +103,8 @@ def cmd_main(ns: argparse.Namespace) -> int:
     meta = {**result.meta, "model": result.model, "n_layers": result.n_layers,
             "seconds": round(time.perf_counter() - start, 1)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    table = result.accuracy[["task", "n_usable", "best_layer", "saturated", "baseline_acc", "hypothesis_acc", "regular_acc"]]
+    table = result.accuracy[["task", "format", "n_usable", "best_layer", "saturated", "baseline_acc", "hypothesis_acc",
+                             "regular_acc"]]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("mean over tasks:", result.summary().round(3).to_dict())
     print(f"wrote {out}/accuracy.csv, dev_curve.csv, predictions.csv, meta.json")
@@ -117,7 +118,7 @@ def cmd_tasks(ns: argparse.Namespace) -> int:
     tasks = _tasks(ns)
     if ns.model:
         resolve_source(ns.model)
-        table = usable_counts(tasks, load_model(ns.model).tokenizer)
+        table = usable_counts(tasks, load_model(ns.model).tokenizer)  # the paper protocol's format rule
     else:
         import pandas as pd
 
@@ -138,7 +139,7 @@ def cmd_prompts(ns: argparse.Namespace) -> int:
 
         resolve_source(ns.model)
         tokenizer = load_model(ns.model).tokenizer
-        tasks = [single_token_examples(t, tokenizer, protocol.format) for t in tasks]
+        tasks = [single_token_examples(t, tokenizer, protocol.format_for(t, tokenizer)) for t in tasks]
     sets = {}
     for task in tasks:
         for split, prompts in PromptSet.sample(task, protocol).as_dict().items():

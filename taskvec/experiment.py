@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import json
@@ -37,6 +37,14 @@ from .tasks import Example, Task
 #: writes it after the query line, so ``S`` is not ``South America``. ``lenient`` (the original code's
 #: rule): an accepted answer starts with the stripped predicted text, so one letter can count.
 PREFIX_RULES = ("first_token", "lenient")
+
+#: How word tasks are spelled: ``rule`` (the original implementation's, :meth:`Protocol.format_for`)
+#: or ``bare`` (every task as ``example:cat->gato``).
+WORD_FORMATS = ("rule", "bare")
+#: The categories the spacing rule applies to (word lists scored by exact match).
+WORD_CATEGORIES = ("translation", "linguistic")
+#: Spaced when it keeps at least this share of the single-token answers the bare form has.
+SPACE_RATIO = 0.7
 
 #: A task is *saturated* when the query alone already does it about as well as in-context learning:
 #: Baseline at least SATURATED_MIN_BASELINE and within SATURATED_GAP of Regular. Its dev curve is then
@@ -66,6 +74,7 @@ class Protocol:
     template: str = "example:{x}->{y}"  # one demonstration; the query line ends before {y}
     separator: str = "\n"  # between demonstrations
     single_token: bool = True  # keep only examples whose answer is one token ("exact" tasks)
+    word_format: str = "rule"  # word tasks' spelling: "rule" (the original code's, see format_for) or "bare"
     prefix_rule: str = "first_token"  # how "prefix" (knowledge) tasks are scored: see Scorer
     batch_size: int = 64  # rows per forward pass for full prompts
     patch_batch_size: int = 256  # rows per forward pass in the layer sweep (short query-only prompts)
@@ -76,11 +85,30 @@ class Protocol:
                 raise SettingError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.prefix_rule not in PREFIX_RULES:
             raise SettingError(f"Protocol.prefix_rule must be one of {', '.join(PREFIX_RULES)}, got {self.prefix_rule!r}")
+        if self.word_format not in WORD_FORMATS:
+            raise SettingError(f"Protocol.word_format must be one of {', '.join(WORD_FORMATS)}, got {self.word_format!r}")
         PromptFormat(self.template, self.separator)  # validates the template
 
     @property
     def format(self) -> PromptFormat:
+        """The bare format: every task's with ``word_format="bare"``, and algorithmic and knowledge tasks'."""
         return PromptFormat(self.template, self.separator)
+
+    def format_for(self, task: Task, tokenizer) -> PromptFormat:
+        """The format ``task`` is written in for this tokenizer (demonstrations, dummies, query, scoring).
+
+        The original implementation's rule, per word task (translation and linguistic, exact match):
+        with a space before input and answer (``example: cat-> gato``) when, so written, at least
+        :data:`SPACE_RATIO` as many canonical answers are single tokens as written bare; otherwise
+        bare. Algorithmic tasks (letters, letter lists) and knowledge tasks (prefix-matched) are
+        always bare, as there. ``word_format="bare"`` writes every task bare (taskvec's first form).
+        """
+        bare = self.format
+        if self.word_format == "bare" or task.category not in WORD_CATEGORIES or task.compare != "exact":
+            return bare
+        spaced = replace(bare, space=True)
+        n_spaced = len(single_token_examples(task, tokenizer, spaced))
+        return spaced if n_spaced >= SPACE_RATIO * len(single_token_examples(task, tokenizer, bare)) else bare
 
 
 def single_token_examples(task: Task, tokenizer, fmt: PromptFormat) -> Task:
@@ -96,7 +124,7 @@ def single_token_examples(task: Task, tokenizer, fmt: PromptFormat) -> Task:
 
     def one_token(x: str, y: str) -> bool:
         context = tokenizer(fmt.query(x)).input_ids
-        full = tokenizer(fmt.query(x) + y).input_ids
+        full = tokenizer(fmt.query(x) + fmt.answer(y)).input_ids
         return len(full) == len(context) + 1 and full[: len(context)] == context
 
     kept = []
@@ -107,14 +135,20 @@ def single_token_examples(task: Task, tokenizer, fmt: PromptFormat) -> Task:
     return task.restrict(kept)
 
 
-def usable_counts(tasks: Sequence[Task], tokenizer, fmt: PromptFormat | None = None) -> pd.DataFrame:
-    """Per task: examples in the file and examples usable with this tokenizer."""
-    fmt = fmt or PromptFormat()
+def usable_counts(tasks: Sequence[Task], tokenizer, protocol: "Protocol | None" = None) -> pd.DataFrame:
+    """Per task: examples in the file, the format the protocol writes it in for this tokenizer
+    (:meth:`Protocol.format_for`), and the examples usable so written, bare and spaced."""
+    protocol = protocol or Protocol()
+    bare = protocol.format
+    spaced = replace(bare, space=True)
     rows = []
     for task in tasks:
-        usable = single_token_examples(task, tokenizer, fmt)
+        fmt = protocol.format_for(task, tokenizer)
         rows.append({"task": task.name, "category": task.category, "compare": task.compare,
-                     "n_examples": len(task), "n_usable": len(usable)})
+                     "n_examples": len(task), "format": fmt.name,
+                     "n_usable": len(single_token_examples(task, tokenizer, fmt)),
+                     "n_usable_bare": len(single_token_examples(task, tokenizer, bare)),
+                     "n_usable_spaced": len(single_token_examples(task, tokenizer, spaced))})
     return pd.DataFrame(rows)
 
 
@@ -163,8 +197,10 @@ class TaskResult:
     predictions: pd.DataFrame
     test_vectors: torch.Tensor  # (n_test, n_layers, d_model), CPU float32
     seconds: float
+    format: str = "bare"  # how the task was written: "bare" or "spaced" (PromptFormat.name)
 
-    _FIELDS = ("task", "best_layer", "dev_accuracy", "regular_acc", "hypothesis_acc", "baseline_acc", "seconds")
+    _FIELDS = ("task", "best_layer", "dev_accuracy", "regular_acc", "hypothesis_acc", "baseline_acc", "seconds",
+               "format")
 
     def save(self, folder: Path) -> None:
         (folder / "result.json").write_text(json.dumps({k: getattr(self, k) for k in self._FIELDS}, indent=1))
@@ -208,7 +244,7 @@ class Scorer:
             ctx_ids = self.tokenizer(context).input_ids
             firsts = set()
             for answer in example.outputs:
-                full = self.tokenizer(context + answer).input_ids
+                full = self.tokenizer(context + self.fmt.answer(answer)).input_ids
                 # The first position where the answer's tokens start (a merge across the boundary
                 # would change the context's last token: the answer then starts there).
                 i = next((j for j, (a, b) in enumerate(zip(ctx_ids, full)) if a != b), len(ctx_ids))
@@ -235,10 +271,15 @@ class Scorer:
 
 
 def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSet | None = None,
-             on_phase=None) -> TaskResult:
-    """Choose L on dev prompts and score Baseline / Hypothesis / Regular on held-out prompts."""
+             on_phase=None, fmt: PromptFormat | None = None) -> TaskResult:
+    """Choose L on dev prompts and score Baseline / Hypothesis / Regular on held-out prompts.
+
+    ``fmt``: how the task is written; default :meth:`Protocol.format_for` of ``task`` (decide it
+    on the whole task, before any single-token filtering, as :func:`run_main_experiment` does).
+    """
     start = time.perf_counter()
-    fmt, p = protocol.format, protocol
+    p = protocol
+    fmt = fmt or protocol.format_for(task, model.tokenizer)
     prompts = prompts or PromptSet.sample(task, protocol)
     phase = on_phase or (lambda name: None)
 
@@ -280,7 +321,7 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSe
         task=task.name, best_layer=best_layer, dev_accuracy=dev_accuracy.tolist(),
         regular_acc=float(acc["regular"]), hypothesis_acc=float(acc["hypothesis"]),
         baseline_acc=float(acc["baseline"]), predictions=predictions, test_vectors=test_vectors,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, format=fmt.name,
     )
 
 
@@ -352,7 +393,6 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
     ``best_layer`` -1), and the skip is cached like a result.
     """
     protocol = protocol or Protocol()
-    fmt = protocol.format
     need = protocol.n_shots + 1 + protocol.n_dummies
     prompts = prompts or {}
     name = model if isinstance(model, str) else model.name
@@ -367,10 +407,12 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
 
     # Filter every task to be computed before any forward pass, so a task this tokenizer leaves
     # too small is reported up front and skipped (a row of NaN) instead of aborting the run halfway.
-    usable_tasks = {}
+    # Each task's format is decided on the whole task (Protocol.format_for), then filtered in it.
+    usable_tasks, formats = {}, {}
     for task in tasks:
         if task.name in cached:
             continue
+        fmt = formats[task.name] = protocol.format_for(task, get_model().tokenizer)
         usable = single_token_examples(task, get_model().tokenizer, fmt) if protocol.single_token else task
         usable_tasks[task.name] = usable
         if len(usable) < need and task.name not in prompts:
@@ -383,13 +425,13 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
         task_prompts = prompts.get(task.name)
         skipped = {"task": task.name, "category": task.category, "n_examples": len(task), "best_layer": -1,
                    "baseline_acc": math.nan, "hypothesis_acc": math.nan, "regular_acc": math.nan,
-                   "saturated": False, "seconds": 0.0}
+                   "saturated": False, "seconds": 0.0, "format": formats.get(task.name, protocol.format).name}
         if task.name in cached:
             folder = store.path("main", name, keys[task.name])
             meta_ = json.loads((folder / "meta.json").read_text())
             n_usable = meta_["n_usable"]
             if meta_.get("skipped"):  # too small for this tokenizer: cached too, so a rerun loads no model
-                acc_rows.append({**skipped, "n_usable": n_usable})
+                acc_rows.append({**skipped, "n_usable": n_usable, "format": meta_.get("format", "bare")})
                 continue
             result = TaskResult.load(folder)
         else:
@@ -398,12 +440,14 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
             if task_prompts is None and n_usable < need:
                 acc_rows.append({**skipped, "n_usable": n_usable})
                 if store:
-                    store.save("main", name, keys[task.name], lambda folder, n=n_usable: (folder / "meta.json").write_text(
-                        json.dumps({"n_usable": n, "model": name, "skipped": True})))
+                    store.save("main", name, keys[task.name], lambda folder, n=n_usable, f=skipped["format"]: (
+                        folder / "meta.json").write_text(json.dumps({"n_usable": n, "model": name, "skipped": True,
+                                                                     "format": f})))
                 continue
             with remote_where(task=task.name):
                 result = run_task(get_model(), usable, protocol, task_prompts,
-                                  on_phase=lambda phase, t=task.name: bar.set_postfix_str(f"{t}: {phase}"))
+                                  on_phase=lambda phase, t=task.name: bar.set_postfix_str(f"{t}: {phase}"),
+                                  fmt=formats[task.name])
             if store:
                 def write(folder, result=result, n_usable=n_usable):
                     result.save(folder)
@@ -415,7 +459,7 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
             "task": task.name, "category": task.category, "n_examples": len(task), "n_usable": n_usable,
             "best_layer": result.best_layer, "baseline_acc": result.baseline_acc,
             "hypothesis_acc": result.hypothesis_acc, "regular_acc": result.regular_acc,
-            "saturated": saturated, "seconds": round(result.seconds, 2),
+            "saturated": saturated, "seconds": round(result.seconds, 2), "format": result.format,
         })
         for layer, value in enumerate(result.dev_accuracy):
             curve_rows.append({"task": task.name, "layer": layer, "relative_depth": layer / max(n_layers - 1, 1),

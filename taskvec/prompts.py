@@ -21,21 +21,39 @@ from .tasks import Example, Task
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How one demonstration is written; the paper's default is ``example:{x}->{y}``, one per line."""
+    """How one demonstration is written; the paper's default is ``example:{x}->{y}``, one per line.
+
+    ``space``: the original implementation's spelling of word tasks, a space before the input and
+    before the answer (``example: cat-> gato``), so the answer is the token a tokenizer of this kind
+    uses for a word after a space (`` gato``). The query line still ends right after ``->``.
+    """
 
     template: str = "example:{x}->{y}"
     separator: str = "\n"
+    space: bool = False
 
     def __post_init__(self) -> None:
         if not self.template.endswith("{y}") or self.template.count("{x}") != 1 or self.template.count("{y}") != 1:
             raise SettingError(f"prompt template must contain {{x}} once and end with {{y}}, got {self.template!r}")
 
+    @property
+    def name(self) -> str:
+        """``spaced`` or ``bare``, as tables record it."""
+        return "spaced" if self.space else "bare"
+
+    def _x(self, x: str) -> str:
+        return " " + x if self.space else x
+
+    def answer(self, y: str) -> str:
+        """The answer as written after the query line (with its leading space when spaced)."""
+        return " " + y if self.space else y
+
     def line(self, x: str, y: str) -> str:
-        return self.template.replace("{x}", x).replace("{y}", y)
+        return self.template.replace("{x}", self._x(x)).replace("{y}", self.answer(y))
 
     def query(self, x: str) -> str:
         """The query line, ending right where the answer would start."""
-        return self.template[: -len("{y}")].replace("{x}", x)
+        return self.template[: -len("{y}")].replace("{x}", self._x(x))
 
     def few_shot(self, demonstrations: Sequence[Example], x: str) -> str:
         lines = [self.line(d.input, d.output) for d in demonstrations]
