@@ -311,7 +311,7 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSe
         texts, tokens, queries = _decode(model, ids), ids.tolist(), [q.query for q in group]
         by_rule = {"first_token": score.first_token(tokens, texts, queries), "lenient": score.lenient(texts, queries)}
         for i, prompt in enumerate(group):
-            rows.append({"task": task.name, "condition": condition, "query": prompt.query.input,
+            rows.append({"task": task.name, "condition": condition, "prompt": i, "query": prompt.query.input,
                          "expected": prompt.query.output, "predicted": texts[i], "token_id": tokens[i],
                          "correct": by_rule[p.prefix_rule][i], "correct_first_token": by_rule["first_token"][i],
                          "correct_lenient": by_rule["lenient"][i]})

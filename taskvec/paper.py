@@ -174,7 +174,8 @@ def top_tokens() -> pd.DataFrame:
 
     One row per model, task and token. Columns: ``model``, ``task`` (taskvec's name), ``layer`` (the best
     layer), ``rank`` (0-based, 0 = strongest) and ``token`` (the decoded string as in the published JSON
-    list, leading space included). Returns a fresh copy.
+    list, leading space included). Token strings can repeat within one list (LLaMA 7B: different token ids
+    that decode alike); (model, task, rank) is the key. Returns a fresh copy.
     """
     return _top_tokens().copy()
 

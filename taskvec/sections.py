@@ -17,7 +17,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from . import analysis
+from . import analysis, stats
 from .errors import SettingError
 from .experiment import MainResult, Protocol, main_keys, run_main_experiment
 from .models import TaskModel, load_model, placement
@@ -143,6 +143,46 @@ def averages(results: dict[str, MainResult]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table["hypothesis_over_regular"] = table["hypothesis_acc"] / table["regular_acc"]
     return table
+
+
+def intervals(results: dict[str, MainResult]) -> pd.DataFrame:
+    """Per model, task and condition: accuracy, n prompts and its 95% Wilson interval (lo, hi),
+    with the task's category, format, best layer and saturation (see :mod:`taskvec.stats`)."""
+    frames = []
+    for name, result in results.items():
+        if result.predictions.empty:
+            continue
+        info = result.accuracy.set_index("task")[["category", "format", "best_layer", "saturated"]]
+        table = stats.task_intervals(result.predictions).join(info, on="task")
+        frames.append(table.assign(model=name))
+    columns = ["model", "task", "category", "format", "condition", "n", "accuracy", "lo", "hi", "best_layer",
+               "saturated"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
+def mean_intervals(results: dict[str, MainResult], seed: int = 0) -> pd.DataFrame:
+    """Per model and condition: the mean over tasks with its 95% bootstrap interval over tasks."""
+    rows = []
+    for name, result in results.items():
+        for condition in ("baseline", "hypothesis", "regular"):
+            mean, lo, hi = stats.mean_interval(result.accuracy[f"{condition}_acc"], seed=seed)
+            rows.append({"model": name, "condition": condition, "mean": mean, "lo": lo, "hi": hi,
+                         "n_tasks": int(result.accuracy[f"{condition}_acc"].notna().sum())})
+    return pd.DataFrame(rows)
+
+
+def hypothesis_vs_regular(results: dict[str, MainResult], seed: int = 0) -> dict[str, pd.DataFrame]:
+    """The paired comparison of Hypothesis with Regular (same test prompts), per model:
+    ``by_task`` (McNemar's exact test per task) and ``overall`` (mean per-task difference with its
+    bootstrap interval, Wilcoxon signed-rank test over tasks)."""
+    by_task, overall = [], []
+    for name, result in results.items():
+        if result.predictions.empty:
+            continue
+        by_task.append(stats.paired_by_task(result.predictions).assign(model=name))
+        overall.append({"model": name, **stats.paired_over_tasks(result.accuracy, seed=seed)})
+    return {"by_task": pd.concat(by_task, ignore_index=True) if by_task else pd.DataFrame(),
+            "overall": pd.DataFrame(overall)}
 
 
 def analysis_layers(result: MainResult) -> tuple[dict[str, int], int]:

@@ -188,3 +188,24 @@ def test_loader_fails_on_unknown_name_in_a_file(tmp_path, monkeypatch):
     finally:
         paper._per_task.cache_clear()
         paper._conflicting.cache_clear()
+
+
+def test_mapping_agrees_with_what_theta_projects_to():
+    """The data itself confirms the verb and knowledge mappings: GPT-J's θ for present_gerund projects to
+    -ing forms, for present_past to -ed forms, for person_language to language names, for to_upper to capitals."""
+    top = paper.top_tokens()
+    gptj = top[top["model"] == "GPT-J 6B"].groupby("task")["token"].apply(list)
+    n_ending = lambda task, suffix: sum(t.strip().endswith(suffix) for t in gptj[task])  # noqa: E731
+    assert n_ending("present_gerund", "ing") >= 10 > n_ending("present_past", "ing")
+    assert n_ending("present_past", "ed") >= 10 > n_ending("present_gerund", "ed")
+    assert {" French", " English", " German", " Spanish"} <= set(gptj["person_language"])
+    assert sum(t.isalpha() and t.isupper() for t in gptj["to_upper"]) >= 15
+
+
+def test_top_token_strings_repeat_for_llama_only():
+    """Different token ids can decode to the same string (LLaMA's SentencePiece with and without the word-start
+    marker); the published lists keep both, so (model, task, token) is not unique, (model, task, rank) is."""
+    top = paper.top_tokens()
+    assert not top.duplicated(["model", "task", "rank"]).any()
+    repeats = top[top.duplicated(["model", "task", "token"])]
+    assert set(repeats["model"]) == {"LLaMA 7B"}

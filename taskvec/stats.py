@@ -1,0 +1,101 @@
+"""Uncertainty of the numbers the book reads: intervals on accuracies, paired tests between conditions.
+
+All from scipy (``binomtest`` for Wilson intervals and the exact McNemar test, ``bootstrap`` for
+intervals on means over tasks, ``wilcoxon`` for the paired test over tasks). Inputs are the main
+experiment's prediction rows (one per scored prompt: task, condition, prompt, correct).
+
+- Per task and condition: accuracy with a 95% Wilson score interval over its prompts.
+- Per task, Hypothesis against Regular: the same test prompts are scored under both, so the test is
+  paired: McNemar's exact test on the prompts where exactly one condition is right.
+- Over tasks: the mean with a 95% percentile-bootstrap interval that resamples tasks (how much the
+  mean depends on which tasks were picked; the prompt-level noise is in the per-task intervals), and
+  for Hypothesis against Regular the mean paired difference, its bootstrap interval and the Wilcoxon
+  signed-rank test of the per-task differences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+LEVEL = 0.95  # every interval in the book
+ALPHA = 0.05  # the tests' significance level
+RESAMPLES = 10_000
+
+
+def wilson(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """The Wilson score interval of ``k`` successes out of ``n`` (NaN, NaN when n is 0)."""
+    if n == 0:
+        return math.nan, math.nan
+    ci = sps.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def task_intervals(predictions: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
+    """Per task and condition: n, accuracy, and its Wilson interval (lo, hi)."""
+    if predictions.empty:
+        return pd.DataFrame(columns=["task", "condition", "n", "accuracy", "lo", "hi"])
+    grouped = predictions.groupby(["task", "condition"], sort=False)["correct"].agg(["sum", "count"]).reset_index()
+    rows = []
+    for task, condition, k, n in grouped.itertuples(index=False):
+        lo, hi = wilson(int(k), int(n), level)
+        rows.append({"task": task, "condition": condition, "n": int(n), "accuracy": k / n, "lo": lo, "hi": hi})
+    return pd.DataFrame(rows)
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
+    """Exact McNemar test of paired outcomes ``a`` and ``b`` (booleans, same prompts).
+
+    Returns n, a_only and b_only (prompts only one condition gets right), the difference of
+    accuracies and the two-sided p-value (1.0 when the conditions never disagree).
+    """
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired outcomes need the same prompts, got {a.shape} and {b.shape}")
+    a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
+    p = sps.binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    return {"n": int(a.size), "a_only": a_only, "b_only": b_only, "difference": float(a.mean() - b.mean()),
+            "p_value": float(p)}
+
+
+def paired_by_task(predictions: pd.DataFrame, a: str = "hypothesis", b: str = "regular") -> pd.DataFrame:
+    """Per task: condition ``a`` against ``b`` on the same prompts (:func:`mcnemar`), and whether the
+    difference is significant at :data:`ALPHA`. Rows are paired by their ``prompt`` index."""
+    rows = []
+    for task, group in predictions.groupby("task", sort=False):
+        left = group[group["condition"] == a].set_index("prompt")["correct"].sort_index()
+        right = group[group["condition"] == b].set_index("prompt")["correct"].sort_index()
+        if left.empty or right.empty:
+            continue
+        if not left.index.equals(right.index):
+            raise ValueError(f"task {task!r}: {a} and {b} were not scored on the same prompts")
+        test = mcnemar(left.to_numpy(), right.to_numpy())
+        rows.append({"task": task, **test, "significant": test["p_value"] < ALPHA})
+    return pd.DataFrame(rows, columns=["task", "n", "a_only", "b_only", "difference", "p_value", "significant"])
+
+
+def mean_interval(values, level: float = LEVEL, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` (NaN dropped) with a percentile-bootstrap interval over them: (mean, lo, hi)."""
+    x = np.asarray(pd.Series(values, dtype=float).dropna())
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    if x.size == 1 or np.all(x == x[0]):
+        return float(x.mean()), float(x.mean()), float(x.mean())
+    ci = sps.bootstrap((x,), np.mean, confidence_level=level, n_resamples=RESAMPLES, method="percentile",
+                       random_state=np.random.default_rng(seed)).confidence_interval
+    return float(x.mean()), float(ci.low), float(ci.high)
+
+
+def paired_over_tasks(accuracy: pd.DataFrame, a: str = "hypothesis_acc", b: str = "regular_acc",
+                      seed: int = 0) -> dict:
+    """Condition ``a`` against ``b`` over tasks: mean per-task difference, its bootstrap interval, and
+    the Wilcoxon signed-rank p-value (tasks with no difference are left out of the ranks)."""
+    diff = (accuracy[a] - accuracy[b]).dropna()
+    mean, lo, hi = mean_interval(diff, seed=seed)
+    nonzero = diff[diff != 0]
+    p = float(sps.wilcoxon(nonzero).pvalue) if len(nonzero) >= 1 else 1.0
+    return {"n_tasks": int(len(diff)), "difference": mean, "lo": lo, "hi": hi, "p_value": p,
+            "significant": p < ALPHA}

@@ -1,0 +1,69 @@
+"""Intervals and paired tests (taskvec.stats) against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from taskvec import stats
+
+
+def test_wilson_matches_the_formula():
+    k, n, z = 7, 10, 1.959963984540054
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert stats.wilson(k, n) == pytest.approx((centre - half, centre + half), abs=1e-9)
+    lo, hi = stats.wilson(0, 50)
+    assert lo == 0 and 0.06 < hi < 0.08  # never a zero-width interval at 0 of 50
+    assert all(math.isnan(v) for v in stats.wilson(0, 0))
+
+
+def test_mcnemar_counts_only_discordant_prompts():
+    a = np.array([1, 1, 1, 1, 1, 1, 0, 0, 1, 1], bool)
+    b = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1], bool)
+    test = stats.mcnemar(a, b)
+    assert (test["a_only"], test["b_only"], test["n"]) == (6, 0, 10)
+    assert test["p_value"] == pytest.approx(2 * 0.5**6)  # exact binomial, two-sided: 0.03125
+    assert test["difference"] == pytest.approx(0.6)
+    assert stats.mcnemar(a, a)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same prompts"):
+        stats.mcnemar(a, b[:5])
+
+
+def predictions(task: str, hyp, reg) -> pd.DataFrame:
+    rows = [{"task": task, "condition": c, "prompt": i, "correct": bool(v)}
+            for c, values in (("hypothesis", hyp), ("regular", reg)) for i, v in enumerate(values)]
+    return pd.DataFrame(rows)
+
+
+def test_paired_by_task_pairs_rows_by_prompt_not_by_order():
+    frame = predictions("t", [1, 0, 1, 0], [1, 1, 1, 1])
+    shuffled = pd.concat([frame[frame.condition == "hypothesis"], frame[frame.condition == "regular"].iloc[::-1]])
+    table = stats.paired_by_task(shuffled)
+    assert table.loc[0, ["a_only", "b_only"]].tolist() == [0, 2]
+    broken = frame[~((frame.condition == "regular") & (frame.prompt == 3))]
+    with pytest.raises(ValueError, match="same prompts"):
+        stats.paired_by_task(broken)
+
+
+def test_task_intervals_and_the_bootstrap_mean():
+    frame = predictions("t", [1, 1, 1, 0], [1, 1, 1, 1])
+    table = stats.task_intervals(frame).set_index("condition")
+    assert table.loc["hypothesis", ["n", "accuracy"]].tolist() == [4, 0.75]
+    assert table.loc["hypothesis", "lo"] < 0.75 < table.loc["hypothesis", "hi"]
+    mean, lo, hi = stats.mean_interval([0.2, 0.4, 0.6, 0.8, float("nan")])
+    assert mean == pytest.approx(0.5) and 0.2 <= lo < 0.5 < hi <= 0.8
+    assert stats.mean_interval([0.3, 0.3]) == (0.3, 0.3, 0.3)
+    assert stats.mean_interval([0.1, 0.5, 0.9], seed=1) == stats.mean_interval([0.1, 0.5, 0.9], seed=1)
+
+
+def test_paired_over_tasks():
+    acc = pd.DataFrame({"hypothesis_acc": [0.5, 0.6, 0.7, 0.8, 0.9, 0.4], "regular_acc": [0.6, 0.8, 0.9, 0.9, 1.0, 0.4]})
+    result = stats.paired_over_tasks(acc)
+    assert result["difference"] == pytest.approx(-0.1166666, abs=1e-6)
+    assert result["hi"] < 0 and result["n_tasks"] == 6
+    assert result["p_value"] == pytest.approx(0.0625)  # 5 non-zero differences, all negative: 2/2**5
