@@ -54,24 +54,79 @@ def finding_layer(curves: pd.DataFrame) -> alt.Chart:
     return alt.vconcat(*panels)
 
 
-def accuracy_bars(table: pd.DataFrame) -> alt.Chart:
-    """Fig. 4: Baseline / Hypothesis / Regular accuracy per task (one row of bars per model)."""
-    table = table.assign(task=task_labels(table))
-    long = table.melt(id_vars=["model", "task", "category", "best_layer"], value_vars=CONDITIONS,
-                      var_name="condition", value_name="accuracy").dropna(subset=["accuracy"])
-    long["condition"] = long["condition"].map(CONDITION_NAMES)
+def accuracy_bars(intervals: pd.DataFrame) -> alt.Chart:
+    """Fig. 2: Baseline / Hypothesis / Regular accuracy per task with 95% Wilson intervals (black
+    rules), one panel per model; ``intervals`` is :func:`taskvec.sections.intervals`."""
+    data = intervals.assign(task=task_labels(intervals),
+                            condition=intervals["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
+    order = list(dict.fromkeys(data["task"]))
+    conditions = list(CONDITION_NAMES.values())
     pick = alt.selection_point(fields=["condition"], bind="legend")
-    return alt.Chart(long).mark_bar().encode(
-        y=alt.Y("task:N", sort=list(dict.fromkeys(table["task"])), title=None),
-        yOffset=alt.YOffset("condition:N", sort=list(CONDITION_NAMES.values())),
-        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values()),
-                        legend=alt.Legend(title="condition (click)")),
-        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
-        column=alt.Column("model:N", title=None),
-        tooltip=["model:N", "task:N", "category:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f"),
+    base = alt.Chart().encode(
+        y=alt.Y("task:N", sort=order, title=None),
+        yOffset=alt.YOffset("condition:N", sort=conditions),
+        tooltip=["model:N", "task:N", "category:N", "format:N", "condition:N", "n:Q",
+                 alt.Tooltip("accuracy:Q", format=".2f"), alt.Tooltip("lo:Q", title="95% CI low", format=".2f"),
+                 alt.Tooltip("hi:Q", title="95% CI high", format=".2f"),
                  alt.Tooltip("best_layer:Q", title="L (best dev layer)")],
-    ).add_params(pick).properties(width=380, height=alt.Step(7))
+    )
+    bars = base.mark_bar().encode(
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("condition:N", scale=CONDITION_COLORS, sort=conditions,
+                        legend=alt.Legend(title="condition (click)", orient="top")),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
+    ).add_params(pick)
+    rules = base.mark_rule(color="black", strokeWidth=1).encode(x="lo:Q", x2="hi:Q")
+    return alt.layer(bars, rules, data=data).properties(width=330, height=alt.Step(7)).facet(
+        column=alt.Column("model:N", title=None))
+
+
+def per_task_vs_paper(intervals: pd.DataFrame, paper_tasks: pd.DataFrame) -> alt.Chart:
+    """Per task and condition: this run (filled circle, 95% interval) beside the paper's published
+    per-task results for GPT-J 6B, LLaMA 7B and Pythia 6.9B (hollow marks)."""
+    ours = intervals.assign(source="this run", condition=intervals["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
+    theirs = paper_tasks.melt(id_vars=["model", "task"], value_vars=CONDITIONS, var_name="condition",
+                              value_name="accuracy").assign(source="paper")
+    theirs["condition"] = theirs["condition"].map(CONDITION_NAMES)
+    order = list(dict.fromkeys(list(ours["task"]) + list(theirs["task"])))
+    models = list(dict.fromkeys(list(ours["model"]) + list(theirs["model"])))
+    palette = ["#e45756", "#4c78a8", "#54a24b", "#b279a2", "#f58518", "#72b7b2", "#9d755d"]
+    color = alt.Color("model:N", scale=alt.Scale(domain=models, range=palette[: len(models)]),
+                      legend=alt.Legend(title="model", orient="top", columns=4))
+    x = alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy")
+    y = alt.Y("task:N", sort=order, title=None)
+    paper_marks = alt.Chart(theirs).mark_point(size=45, filled=False, strokeWidth=1.5).encode(
+        x=x, y=y, color=color, shape=alt.Shape("source:N", legend=None),
+        tooltip=["source:N", "model:N", "task:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")])
+    rules = alt.Chart(ours).mark_rule(strokeWidth=1.5).encode(x="lo:Q", x2="hi:Q", y=y, color=color)
+    dots = alt.Chart(ours).mark_circle(size=70, opacity=1).encode(
+        x=x, y=y, color=color,
+        tooltip=["source:N", "model:N", "task:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f"),
+                 alt.Tooltip("lo:Q", title="95% CI low", format=".2f"), alt.Tooltip("hi:Q", title="95% CI high", format=".2f")])
+    panels = [alt.layer(paper_marks.transform_filter(alt.datum.condition == c),
+                        rules.transform_filter(alt.datum.condition == c),
+                        dots.transform_filter(alt.datum.condition == c)).properties(title=c, width=210, height=alt.Step(15))
+              for c in CONDITION_NAMES.values()]
+    return alt.hconcat(*panels).resolve_scale(y="shared")
+
+
+def depth_vs_paper(curves: pd.DataFrame, paper_curves: pd.DataFrame) -> alt.Chart:
+    """Mean dev accuracy over tasks against relative depth: this run (thick) and the paper's three
+    models (thin, dashed), from the authors' published per-layer results."""
+    ours = curves.groupby(["model", "relative_depth"], as_index=False)["dev_acc"].mean().assign(source="this run")
+    theirs = (paper_curves.groupby(["model", "relative_depth"], as_index=False)["dev_acc"].mean()
+              .assign(source="paper (published results)"))
+    data = pd.concat([ours, theirs], ignore_index=True)
+    return alt.Chart(data).mark_line(point=alt.OverlayMarkDef(size=18)).encode(
+        x=alt.X("relative_depth:Q", title="relative depth L / (layers - 1)"),
+        y=alt.Y("dev_acc:Q", title="mean dev accuracy over tasks", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("model:N", legend=alt.Legend(title="model", orient="right")),
+        strokeDash=alt.StrokeDash("source:N", sort=["this run", "paper (published results)"],
+                                  legend=alt.Legend(title="source", orient="right")),
+        strokeWidth=alt.condition(alt.datum.source == "this run", alt.value(3.5), alt.value(1.5)),
+        tooltip=["source:N", "model:N", alt.Tooltip("relative_depth:Q", format=".2f"),
+                 alt.Tooltip("dev_acc:Q", title="mean dev accuracy", format=".2f")],
+    ).properties(width=460, height=240)
 
 
 def tsne_scatter(points: pd.DataFrame) -> alt.Chart:
@@ -129,19 +184,29 @@ def dominance_bars(table: pd.DataFrame) -> alt.Chart:
     ).properties(width=200, height=alt.Step(14))
 
 
-def comparison_dots(table: pd.DataFrame) -> alt.Chart:
-    """Mean accuracy per model and condition: this run (filled) beside the paper's Table 6 (hollow)."""
+def comparison_dots(table: pd.DataFrame, spans: pd.DataFrame | None = None) -> alt.Chart:
+    """Mean accuracy per model and condition: this run (filled, with its 95% interval from ``spans``,
+    :func:`taskvec.sections.mean_intervals`) beside the paper's Table 6 (hollow)."""
     long = table.melt(id_vars=["source", "model"], value_vars=CONDITIONS, var_name="condition", value_name="accuracy")
     long["condition"] = long["condition"].map(CONDITION_NAMES)
     order = list(dict.fromkeys(table["model"]))
-    return alt.Chart(long).mark_point(size=120, strokeWidth=2).encode(
+    y = alt.Y("model:N", sort=order, title=None)
+    color = alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values()))
+    dots = alt.Chart(long).mark_point(size=120, strokeWidth=2).encode(
         x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="mean accuracy over tasks"),
-        y=alt.Y("model:N", sort=order, title=None),
-        color=alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values())),
+        y=y, color=color,
         fill=alt.condition(alt.datum.source == "this run", alt.Color("condition:N", scale=CONDITION_COLORS),
                            alt.value("transparent")),
         tooltip=["source:N", "model:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")],
-    ).properties(width=440, height=alt.Step(26))
+    )
+    if spans is None or spans.empty:
+        return dots.properties(width=440, height=alt.Step(26))
+    ranges = spans.assign(condition=spans["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
+    rules = alt.Chart(ranges).mark_rule(strokeWidth=2).encode(
+        x="lo:Q", x2="hi:Q", y=y, color=color,
+        tooltip=["model:N", "condition:N", alt.Tooltip("lo:Q", title="95% CI low", format=".2f"),
+                 alt.Tooltip("hi:Q", title="95% CI high", format=".2f")])
+    return alt.layer(rules, dots).properties(width=440, height=alt.Step(26))
 
 
 def table(frame: pd.DataFrame, digits: int = 2):
@@ -164,3 +229,27 @@ def dominance_layers(curve: pd.DataFrame) -> alt.Chart:
         facet=alt.Facet("pair:N", columns=3, title=None),
         tooltip=["model:N", "pair:N", "layer:Q", "scored_as:N", alt.Tooltip("accuracy:Q", format=".2f")],
     ).properties(width=190, height=120)
+
+
+def format_effect(both: pd.DataFrame) -> alt.Chart:
+    """Each word task's accuracy written bare (hollow) and as the format rule writes it (filled), with 95%
+    intervals, one panel per condition; ``both`` is :func:`taskvec.sections.intervals` of the two runs with a
+    ``written`` column ("bare" or "rule")."""
+    data = both.assign(condition=both["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
+    order = list(dict.fromkeys(data["task"]))
+    y = alt.Y("task:N", sort=order, title=None)
+    yoff = alt.YOffset("written:N", sort=["bare", "rule"])
+    color = alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values()), legend=None)
+    tips = ["task:N", "written:N", "condition:N", "n:Q", alt.Tooltip("accuracy:Q", format=".2f"),
+            alt.Tooltip("lo:Q", title="95% CI low", format=".2f"), alt.Tooltip("hi:Q", title="95% CI high", format=".2f")]
+    panels = []
+    for condition in CONDITION_NAMES.values():
+        part = data[data["condition"] == condition]
+        rules = alt.Chart(part).mark_rule().encode(x="lo:Q", x2="hi:Q", y=y, yOffset=yoff, color=color)
+        marks = alt.Chart(part).mark_point(size=60, strokeWidth=2).encode(
+            x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1])), y=y, yOffset=yoff, color=color,
+            fill=alt.condition(alt.datum.written == "rule", color, alt.value("white")),
+            shape=alt.Shape("written:N", sort=["bare", "rule"], legend=alt.Legend(title="written", orient="top")),
+            tooltip=tips)
+        panels.append(alt.layer(rules, marks).properties(title=condition, width=200, height=alt.Step(18)))
+    return alt.hconcat(*panels).resolve_scale(y="shared")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -169,6 +169,18 @@ def mean_intervals(results: dict[str, MainResult], seed: int = 0) -> pd.DataFram
             rows.append({"model": name, "condition": condition, "mean": mean, "lo": lo, "hi": hi,
                          "n_tasks": int(result.accuracy[f"{condition}_acc"].notna().sum())})
     return pd.DataFrame(rows)
+
+
+def seed_means(models: str | Sequence[str], tasks: str | Sequence[str] | None, protocol: Protocol,
+               seeds: Sequence[int], cache_dir: str | None = None, remote: bool | str = False) -> pd.DataFrame:
+    """Per seed, model and condition: the mean over tasks with its bootstrap interval; each seed is a
+    full main experiment with other prompts (cached like the first)."""
+    frames = []
+    for seed in seeds:
+        runs = main_results(models, tasks, replace(protocol, seed=int(seed)), cache_dir, progress=False, remote=remote)
+        frames.append(mean_intervals(runs, seed=int(seed)).assign(seed=int(seed)))
+    table = pd.concat(frames, ignore_index=True)
+    return table[["seed"] + [c for c in table.columns if c != "seed"]]
 
 
 def hypothesis_vs_regular(results: dict[str, MainResult], seed: int = 0) -> dict[str, pd.DataFrame]:

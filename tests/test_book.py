@@ -16,7 +16,7 @@ from glue_check import check_glue, glue_roles
 from taskvec import book, runner, sections
 
 ROOT = Path(__file__).parent.parent
-CHART_PAGES = {"finding_L": 1, "accuracy": 1, "geometry": 2, "dominance": 2, "comparison": 1}
+CHART_PAGES = {"data": 1, "finding_L": 2, "accuracy": 2, "geometry": 2, "dominance": 2, "comparison": 1}
 
 
 @pytest.fixture(scope="module")
