@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The package whose every module a notebook may import.
 PACKAGE = Path(__file__).resolve().parent
 #: Section notebooks in reading order; the last two read what the others produced.
-NOTEBOOKS = ("finding_L", "accuracy", "geometry", "dominance", "interpretation", "comparison", "provenance")
+NOTEBOOKS = ("data", "finding_L", "accuracy", "geometry", "dominance", "interpretation", "comparison", "provenance")
 COMMON = ("models", "tasks", "protocol", "cache_dir", "remote", "beside")
 PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections", "remote", "beside"}
 

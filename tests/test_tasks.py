@@ -127,3 +127,18 @@ def test_tasks_readme_lists_every_task_with_its_size():
         row = next((line for line in readme.splitlines() if f"`{task.name}`" in line), None)
         assert row is not None, f"{task.name} missing from tasks/README.md"
         assert f"| {len(task)} |" in row, f"tasks/README.md has a stale size for {task.name}"
+
+
+def test_tasks_readme_gives_each_tasks_format_and_usable_count_for_gemma():
+    """The Method page's table (scripts/tasks_table.py) is current for the embedded default model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tasks_table", Path(__file__).parent.parent / "scripts" / "tasks_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = module.README.read_text()
+    for line in module.table(models=("gemma-3-270m",)).splitlines()[2:]:
+        task = line.split("|")[2].strip()
+        gemma = line.split("|")[-2].strip()
+        row = next(r for r in readme.splitlines() if f"| {task} |" in r)
+        assert row.split("|")[6].strip() == gemma, f"tasks/README.md is stale for {task}: run scripts/tasks_table.py"
