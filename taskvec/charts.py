@@ -38,7 +38,8 @@ def finding_layer(curves: pd.DataFrame) -> alt.Chart:
         lines = alt.Chart(data).mark_line(strokeWidth=1).encode(
             x=alt.X(f"{x}:Q", title=title),
             y=alt.Y("dev_acc:Q", title="dev accuracy (Hypothesis)", scale=alt.Scale(domain=[0, 1])),
-            color=alt.Color("task:N", legend=alt.Legend(title="task (click)", columns=2, symbolLimit=40)),
+            color=alt.Color("task:N", legend=alt.Legend(title="task (click)", orient="bottom", columns=4,
+                                                        symbolLimit=40, labelLimit=160)),
             detail="model:N",
             opacity=alt.condition(pick, alt.value(0.9), alt.value(0.12)),
             tooltip=["model:N", "task:N", "layer:Q", alt.Tooltip("dev_acc:Q", format=".2f")],
@@ -71,12 +72,12 @@ def accuracy_bars(intervals: pd.DataFrame) -> alt.Chart:
                  alt.Tooltip("best_layer:Q", title="L (best dev layer)")],
     )
     bars = base.mark_bar().encode(
-        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy"),
         color=alt.Color("condition:N", scale=CONDITION_COLORS, sort=conditions,
                         legend=alt.Legend(title="condition (click)", orient="top")),
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
     ).add_params(pick)
-    rules = base.mark_rule(color="black", strokeWidth=1).encode(x="lo:Q", x2="hi:Q")
+    rules = base.mark_rule(color="black", strokeWidth=1).encode(x=alt.X("lo:Q", title="accuracy"), x2="hi:Q")
     return alt.layer(bars, rules, data=data).properties(width=330, height=alt.Step(7)).facet(
         column=alt.Column("model:N", title=None))
 
@@ -88,26 +89,24 @@ def per_task_vs_paper(intervals: pd.DataFrame, paper_tasks: pd.DataFrame) -> alt
     theirs = paper_tasks.melt(id_vars=["model", "task"], value_vars=CONDITIONS, var_name="condition",
                               value_name="accuracy").assign(source="paper")
     theirs["condition"] = theirs["condition"].map(CONDITION_NAMES)
-    order = list(dict.fromkeys(list(ours["task"]) + list(theirs["task"])))
-    models = list(dict.fromkeys(list(ours["model"]) + list(theirs["model"])))
+    data = pd.concat([ours[["source", "model", "task", "condition", "accuracy", "lo", "hi"]], theirs], ignore_index=True)
+    order = list(dict.fromkeys(data["task"]))
+    models = list(dict.fromkeys(data["model"]))
     palette = ["#e45756", "#4c78a8", "#54a24b", "#b279a2", "#f58518", "#72b7b2", "#9d755d"]
     color = alt.Color("model:N", scale=alt.Scale(domain=models, range=palette[: len(models)]),
                       legend=alt.Legend(title="model", orient="top", columns=4))
-    x = alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy")
     y = alt.Y("task:N", sort=order, title=None)
-    paper_marks = alt.Chart(theirs).mark_point(size=45, filled=False, strokeWidth=1.5).encode(
-        x=x, y=y, color=color, shape=alt.Shape("source:N", legend=None),
-        tooltip=["source:N", "model:N", "task:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")])
-    rules = alt.Chart(ours).mark_rule(strokeWidth=1.5).encode(x="lo:Q", x2="hi:Q", y=y, color=color)
-    dots = alt.Chart(ours).mark_circle(size=70, opacity=1).encode(
-        x=x, y=y, color=color,
-        tooltip=["source:N", "model:N", "task:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f"),
-                 alt.Tooltip("lo:Q", title="95% CI low", format=".2f"), alt.Tooltip("hi:Q", title="95% CI high", format=".2f")])
-    panels = [alt.layer(paper_marks.transform_filter(alt.datum.condition == c),
-                        rules.transform_filter(alt.datum.condition == c),
-                        dots.transform_filter(alt.datum.condition == c)).properties(title=c, width=210, height=alt.Step(15))
-              for c in CONDITION_NAMES.values()]
-    return alt.hconcat(*panels).resolve_scale(y="shared")
+    tips = ["source:N", "model:N", "task:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f"),
+            alt.Tooltip("lo:Q", title="95% CI low", format=".2f"), alt.Tooltip("hi:Q", title="95% CI high", format=".2f")]
+    paper_marks = alt.Chart().mark_point(size=40, filled=False, strokeWidth=1.5).encode(
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy"), y=y, color=color,
+        tooltip=tips).transform_filter(alt.datum.source == "paper")
+    rules = alt.Chart().mark_rule(strokeWidth=1.5).encode(x="lo:Q", x2="hi:Q", y=y, color=color).transform_filter(
+        alt.datum.source == "this run")
+    dots = alt.Chart().mark_circle(size=60, opacity=1).encode(x="accuracy:Q", y=y, color=color, tooltip=tips
+                                                               ).transform_filter(alt.datum.source == "this run")
+    return alt.layer(paper_marks, rules, dots, data=data).properties(width=150, height=alt.Step(15)).facet(
+        column=alt.Column("condition:N", sort=list(CONDITION_NAMES.values()), title=None))
 
 
 def depth_vs_paper(curves: pd.DataFrame, paper_curves: pd.DataFrame) -> alt.Chart:
@@ -122,7 +121,7 @@ def depth_vs_paper(curves: pd.DataFrame, paper_curves: pd.DataFrame) -> alt.Char
         y=alt.Y("dev_acc:Q", title="mean dev accuracy over tasks", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("model:N", legend=alt.Legend(title="model", orient="right")),
         strokeDash=alt.StrokeDash("source:N", sort=["this run", "paper (published results)"],
-                                  legend=alt.Legend(title="source", orient="right")),
+                                  legend=alt.Legend(title="source", orient="right", symbolType="stroke")),
         strokeWidth=alt.condition(alt.datum.source == "this run", alt.value(3.5), alt.value(1.5)),
         tooltip=["source:N", "model:N", alt.Tooltip("relative_depth:Q", format=".2f"),
                  alt.Tooltip("dev_acc:Q", title="mean dev accuracy", format=".2f")],
@@ -242,14 +241,10 @@ def format_effect(both: pd.DataFrame) -> alt.Chart:
     color = alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values()), legend=None)
     tips = ["task:N", "written:N", "condition:N", "n:Q", alt.Tooltip("accuracy:Q", format=".2f"),
             alt.Tooltip("lo:Q", title="95% CI low", format=".2f"), alt.Tooltip("hi:Q", title="95% CI high", format=".2f")]
-    panels = []
-    for condition in CONDITION_NAMES.values():
-        part = data[data["condition"] == condition]
-        rules = alt.Chart(part).mark_rule().encode(x="lo:Q", x2="hi:Q", y=y, yOffset=yoff, color=color)
-        marks = alt.Chart(part).mark_point(size=60, strokeWidth=2).encode(
-            x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1])), y=y, yOffset=yoff, color=color,
-            fill=alt.condition(alt.datum.written == "rule", color, alt.value("white")),
-            shape=alt.Shape("written:N", sort=["bare", "rule"], legend=alt.Legend(title="written", orient="top")),
-            tooltip=tips)
-        panels.append(alt.layer(rules, marks).properties(title=condition, width=200, height=alt.Step(18)))
-    return alt.hconcat(*panels).resolve_scale(y="shared")
+    rules = alt.Chart().mark_rule().encode(
+        x=alt.X("lo:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])), x2="hi:Q", y=y, yOffset=yoff, color=color)
+    marks = alt.Chart().mark_point(size=50, strokeWidth=2).encode(
+        x="accuracy:Q", y=y, yOffset=yoff, color=color,
+        fill=alt.condition(alt.datum.written == "rule", color, alt.value("white")), tooltip=tips)
+    return alt.layer(rules, marks, data=data).properties(width=140, height=alt.Step(11)).facet(
+        column=alt.Column("condition:N", sort=list(CONDITION_NAMES.values()), title=None))

@@ -151,3 +151,18 @@ def test_cache_round_trip_returns_the_planted_numbers(planted, tmp_path, monkeyp
 def test_groups_partition_the_task():
     assert sorted("".join(GROUPS)) == sorted(LETTERS) and len(set(LETTERS)) == 12
     assert not set(LETTERS) & set("example")
+
+
+def test_the_books_intervals_and_paired_test_read_the_planted_predictions(planted):
+    """sections.intervals / hypothesis_vs_regular on the planted run: hypothesis 3 of 4, regular 4 of 4,
+    baseline 2 of 5; the one prompt they disagree on is the G2 query (k), Regular right, Hypothesis wrong."""
+    from taskvec import sections, stats
+
+    result = run_main_experiment(planted, [planted_task()], SIZES, prompts={TASK: planted_prompts()}, progress=False)
+    spans = sections.intervals({"planted": result}).set_index("condition")
+    assert spans.loc["hypothesis", ["n", "accuracy"]].tolist() == [4, 0.75]
+    assert (spans.loc["hypothesis", "lo"], spans.loc["hypothesis", "hi"]) == pytest.approx(stats.wilson(3, 4))
+    assert spans.loc["baseline", ["n", "accuracy"]].tolist() == [5, 0.4]
+    paired = sections.hypothesis_vs_regular({"planted": result})["by_task"].iloc[0]
+    assert (paired["a_only"], paired["b_only"], paired["p_value"]) == (0, 1, 1.0)
+    assert paired["difference"] == pytest.approx(-0.25)
