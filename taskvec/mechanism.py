@@ -11,6 +11,7 @@ only. Tensors come back on the CPU in float32.
 
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,16 +35,21 @@ class Usage:
     by_phase: dict = field(default_factory=dict)
 
     @contextmanager
-    def track(self, phase: str, encs: Sequence[dict]):
+    def track(self, phase: str, traces: int, rows: int, tokens: int, heads: int = 0):
+        """Count one request of ``phase``: its traces, the rows they run, the tokens computed (new
+        tokens only: a step on a key/value cache does not recompute the cached ones) and the rows
+        read out through the unembedding (``heads``)."""
         start = time.perf_counter()
         yield
         if torch.cuda.is_available():  # kernels run asynchronously: wait before reading the clock
             torch.cuda.synchronize()
-        entry = self.by_phase.setdefault(phase, {"requests": 0, "traces": 0, "rows": 0, "tokens": 0, "seconds": 0.0})
+        entry = self.by_phase.setdefault(phase, {"requests": 0, "traces": 0, "rows": 0, "tokens": 0, "heads": 0,
+                                                 "seconds": 0.0})
         entry["requests"] += 1
-        entry["traces"] += len(encs)
-        entry["rows"] += sum(int(enc["input_ids"].shape[0]) for enc in encs)
-        entry["tokens"] += sum(int(enc["attention_mask"].sum()) for enc in encs)
+        entry["traces"] += traces
+        entry["rows"] += rows
+        entry["tokens"] += tokens
+        entry["heads"] += heads
         entry["seconds"] += time.perf_counter() - start
 
     def total(self, key: str) -> float:
@@ -116,53 +122,179 @@ INLINE_BYTES = 7 * 2**20
 REQUEST_BYTES = 640 * 2**10
 
 
-def _sent_bytes(enc: dict, extra: int = 0) -> int:
-    return sum(int(t.numel() * t.element_size()) for t in enc.values()) + extra
+def _sent_bytes(*tensors: torch.Tensor, extra: int = 0) -> int:
+    """Bytes a request carries for these tensors (dicts of tensors count all their values)."""
+    total = extra
+    for item in tensors:
+        for t in (item.values() if isinstance(item, dict) else [item]):
+            total += int(t.numel() * t.element_size())
+    return total
 
 
-def _requests(model: TaskModel, phase: str, encs: Sequence[dict], step, row_bytes: int,
-              sent: Sequence[int] | None = None, args: Sequence | None = None) -> list:
-    """Run one trace per batch in ``encs``; ``step(args[i])`` is called inside batch ``i``'s open trace
-    and returns the value to bring back (``args`` default: None per batch). A request carries only its
-    own batches' inputs and args. Batches are bundled into sessions (one request each, on NDIF one
-    round trip) whose results stay under :data:`INLINE_BYTES` (``row_bytes`` per row) and, remotely,
-    whose requests stay under :data:`REQUEST_BYTES` (``sent[i]`` bytes for batch ``i``, default its
-    inputs). Remote requests are retried and their failures name the host, model, task and phase
-    (:func:`taskvec.remote.call`).
+@dataclass
+class _Unit:
+    """One piece of a phase: what its session function receives, and what it costs."""
+
+    payload: tuple
+    result_bytes: int  # what it brings back
+    sent_bytes: int  # what it sends (inputs, θ)
+    traces: int
+    rows: int
+    tokens: int  # tokens computed (cached ones are not recomputed)
+    heads: int  # rows read out through the unembedding
+
+
+def _requests(model: TaskModel, phase: str, units: Sequence[_Unit], session) -> list:
+    """Run ``units`` bundled into requests, ``session(model, payloads)`` each; one value per unit, in order.
+
+    A request (one nnsight session; on NDIF one round trip) carries only its own units, and is
+    closed when its results would pass :data:`INLINE_BYTES` or, remotely, what it sends would pass
+    :data:`REQUEST_BYTES`. Remote requests are retried and their failures name the host, model,
+    task and phase (:func:`taskvec.remote.call`).
     """
     far = remote.is_remote(model.remote)
-    sent = list(sent) if sent is not None else [_sent_bytes(enc) for enc in encs]
     groups, group, size, load = [], [], 0, 0
-    for i, enc in enumerate(encs):
-        rows = int(enc["input_ids"].shape[0]) * row_bytes
-        if group and (size + rows > INLINE_BYTES or (far and load + sent[i] > REQUEST_BYTES)):
+    for i, unit in enumerate(units):
+        if group and (size + unit.result_bytes > INLINE_BYTES or (far and load + unit.sent_bytes > REQUEST_BYTES)):
             groups.append(group)
             group, size, load = [], 0, 0
         group.append(i)
-        size, load = size + rows, load + sent[i]
+        size, load = size + unit.result_bytes, load + unit.sent_bytes
     groups.append(group)
     if far:
         remote.ship_code()
-    out: list = [None] * len(encs)
-    # logits_to_keep=1: the unembedding runs on the last position only (262k-wide for Gemma 3).
-    args = list(args) if args is not None else [None] * len(encs)
+    out: list = []
     for group in groups:
-        # Only this request's batches: the body is serialized with everything it refers to.
-        # Remotely the session is submitted when it exits and collected by remote.wait (bounded).
-        def body(batches=[(dict(encs[i]), args[i]) for i in group]):
-            job = remote.backend(model.nn, model.remote)
-            with model.nn.session(backend=job, remote=model.remote):
-                values = nnsight.save([])
-                for enc, arg in batches:
-                    with model.nn.trace(enc, logits_to_keep=1):
-                        values.append(step(arg))
-            return remote.wait(job)["values"] if job is not None else values
-
-        with USAGE.track(phase, [encs[i] for i in group]), remote.where(phase=phase):
-            values = remote.call(body, model.remote, model.name)
-        for i, value in zip(group, values):
-            out[i] = value.cpu()
+        members = [units[i] for i in group]
+        payloads = [u.payload for u in members]
+        counts = [sum(getattr(u, key) for u in members) for key in ("traces", "rows", "tokens", "heads")]
+        with USAGE.track(phase, *counts), remote.where(phase=phase):
+            values = remote.call(lambda: session(model, payloads), model.remote, model.name)
+        out.extend(values)
     return out
+
+
+#: ``logits_to_keep`` for a pass that only fills a key/value cache: no position reaches the unembedding
+#: (262,144 wide for Gemma 3, as costly per row as the rest of the model).
+NO_LOGITS = torch.tensor([], dtype=torch.long)
+
+
+# --- sessions: each runs its payloads' traces in one nnsight session (remotely: one request) ---------
+# The session is submitted when it exits and collected by remote.wait (bounded) when remote.
+# nnsight reads a trace's body from its source: trace headers stay on one line, and no comment
+# line opens a with-block.
+
+def _plain_session(model: TaskModel, payloads: Sequence[tuple]) -> list:
+    """Payloads ``(inputs, step, arg)``: one trace each, ``step(arg)`` called inside it."""
+    job = remote.backend(model.nn, model.remote)
+    with model.nn.session(backend=job, remote=model.remote):
+        values = nnsight.save([])
+        for inputs, step, arg in payloads:
+            with model.nn.trace(inputs, logits_to_keep=1):
+                values.append(step(arg))
+    return remote.wait(job)["values"] if job is not None else values
+
+
+def _patched_session(model: TaskModel, payloads: Sequence[tuple]) -> list:
+    """Payloads ``(prefix, step, rows, plan, want_logits)``: the prefix trace fills a key/value cache;
+    the one-token step runs on ``rows`` of it with θ written after each ``plan`` layer."""
+    unembed = model.arch.get(model.nn, model.arch.unembed)
+    job = remote.backend(model.nn, model.remote)
+    with model.nn.session(backend=job, remote=model.remote):
+        values = nnsight.save([])
+        for prefix, step, rows, plan, want_logits in payloads:
+            with model.nn.trace(prefix, use_cache=True, logits_to_keep=NO_LOGITS):
+                cache = model.nn.output.past_key_values
+            with model.nn.trace(step, past_key_values=select_rows(cache, rows), use_cache=True, logits_to_keep=1):
+                for layer, block, theta in plan:
+                    patch_last_token(model, layer, theta, block)
+                logits = unembed.output[:, -1, :]
+                values.append(logits.float() if want_logits else logits.argmax(-1))
+    return remote.wait(job)["values"] if job is not None else values
+
+
+def _prefix_session(model: TaskModel, payloads: Sequence[tuple]) -> list:
+    """Payloads ``(prefix, step, rows, last)``: the shared prefixes fill a key/value cache; each text's
+    own tokens run on its row of it. Returns (states after every layer at each text's last token,
+    next-token id) per payload."""
+    layer_modules = model.arch.layer_modules(model.nn)
+    unembed = model.arch.get(model.nn, model.arch.unembed)
+    top = model.n_layers - 1
+    job = remote.backend(model.nn, model.remote)
+    with model.nn.session(backend=job, remote=model.remote):
+        values = nnsight.save([])
+        for prefix, step, rows, last in payloads:
+            at = torch.arange(len(last))
+            with model.nn.trace(prefix, use_cache=True, logits_to_keep=NO_LOGITS):
+                cache = model.nn.output.past_key_values
+            with model.nn.trace(step, past_key_values=select_rows(cache, rows), use_cache=True, logits_to_keep=1):
+                reads = []
+                for layer in range(top + 1):
+                    hidden = residual(layer_modules[layer].output)
+                    reads.append(hidden[at, last])
+                    if layer == top:
+                        hidden[at, -1] = hidden[at, last]
+                values.append((torch.stack(reads, dim=1).float(), unembed.output[:, -1, :].argmax(-1)))
+    return remote.wait(job)["values"] if job is not None else values
+
+
+# --- key/value caches -------------------------------------------------------------------------
+
+def select_rows(cache, rows: torch.Tensor):
+    """A copy of a transformers key/value ``cache`` holding batch rows ``rows`` (repeats allowed).
+
+    Each layer object is copied shallowly (its sliding-window state and length stay as they are)
+    and its keys and values re-indexed, so ``cache`` itself is left intact. A cache rebuilt from
+    saved key/value tensors would not be the same: a sliding-window layer keeps only its window
+    of keys, and its count of tokens seen sets the mask offsets.
+    """
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    if new.layers:
+        new.batch_select_indices(rows.to(cache.layers[0].keys.device))
+    return new
+
+
+def _left_padded(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left padded ``input_ids``/``attention_mask`` with mask-derived ``position_ids`` (as :func:`encode`)."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, row in enumerate(ids):
+        input_ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[r, width - len(row):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def _continuation(prefix_mask: torch.Tensor, ids: Sequence[Sequence[int]], pad_id: int) -> tuple[dict, torch.Tensor]:
+    """Inputs that continue cached row ``r`` (``prefix_mask[r]``) with ``ids[r]`` (at least one token).
+
+    Right padded, so each row's tokens follow its prefix without a gap (Gemma 3's sliding-window
+    layers count distance in positions of the cache, pads included); the attention mask covers the
+    cache and the new tokens; positions continue from each row's real prefix length (pads repeat the
+    last one). Also returns each row's last real index.
+    """
+    lengths = torch.tensor([len(row) for row in ids])
+    width = int(lengths.max())
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    for r, row in enumerate(ids):
+        input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+    new_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    offsets = torch.minimum(torch.arange(width)[None, :], (lengths - 1)[:, None])
+    inputs = {"input_ids": input_ids, "attention_mask": torch.cat([prefix_mask, new_mask], dim=1),
+              "position_ids": prefix_mask.sum(-1, keepdim=True) + offsets}
+    return inputs, lengths - 1
+
+
+def split_shared_prefix(ids: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
+    """The longest common prefix of token-id lists, each text keeping at least one token of its own,
+    and what is left of each. Split on token ids, so prefix + rest is each text's own tokenization."""
+    shared, shortest = 0, min(len(row) for row in ids)
+    while shared < shortest - 1 and all(row[shared] == ids[0][shared] for row in ids):
+        shared += 1
+    if shared == 0:
+        raise ValueError("the texts of a group share no first token; a shared prefix needs one")
+    return list(ids[0][:shared]), [list(row[shared:]) for row in ids]
 
 
 # --- batched operations ---------------------------------------------------------
@@ -172,57 +304,97 @@ def _value_bytes(model: TaskModel, return_logits: bool) -> int:
     return 4 * int(model.hf.config.vocab_size) if return_logits else 8
 
 
+def _token_ids(model: TaskModel, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's tokens as the tokenizer writes it alone (what :func:`encode` pads)."""
+    return [list(row) for row in model.tokenizer(list(texts)).input_ids]
+
+
 @torch.no_grad()
 def next_tokens(model: TaskModel, texts: Sequence[str], batch_size: int = 64, phase: str = "predict",
                 return_logits: bool = False) -> torch.Tensor:
-    """Greedy next-token id for each text, (n,) long; Regular and Baseline use this.
+    """Greedy next-token id for each text, (n,) long: one forward pass per text (Baseline's query-only
+    prompts share nothing to cache).
 
     With ``return_logits`` the last-position logits instead, (n, vocab) float32 on CPU.
     """
     index = list(_length_batches(model, texts, batch_size))
-    encs = [encode(model, [texts[i] for i in rows]) for rows in index]
 
-    def step(_):
+    def step(want_logits):
         logits = next_token_logits(model)
-        return logits.float() if return_logits else logits.argmax(-1)
+        return logits.float() if want_logits else logits.argmax(-1)
 
-    values = _requests(model, phase, encs, step, _value_bytes(model, return_logits))
+    units = []
+    for rows in index:
+        enc = encode(model, [texts[i] for i in rows])
+        units.append(_Unit((enc, step, return_logits), len(rows) * _value_bytes(model, return_logits),
+                           _sent_bytes(enc), 1, len(rows), int(enc["attention_mask"].sum()), len(rows)))
+    values = _requests(model, phase, units, _plain_session)
     out = torch.empty((len(texts), *values[0].shape[1:]), dtype=values[0].dtype)
     for rows, value in zip(index, values):
-        out[rows] = value
+        out[rows] = value.cpu()
     return out
 
 
 @torch.no_grad()
-def hidden_states(model: TaskModel, texts: Sequence[str], batch_size: int = 64, phase: str = "extract") -> torch.Tensor:
-    """Last-token residual stream after every layer, (n, n_layers, d_model), float32 on CPU.
+def prompt_states(model: TaskModel, groups: Sequence[Sequence[str]], batch_size: int = 64,
+                  phase: str = "extract") -> tuple[torch.Tensor, torch.Tensor]:
+    """For groups of texts that share a beginning (the demonstrations of one few-shot prompt, followed by
+    each of its dummy queries, and by its query): the residual stream after every layer at each text's
+    last token, (n_groups, k, n_layers, d_model) float32, and each text's greedy next token, (n_groups, k).
 
-    One forward pass per batch serves all layers.
+    Each group's shared prefix (the longest common run of token ids) is computed once, batched across
+    groups; each text's own tokens then run on a copy of its group's key/value cache. Every group has
+    the same number ``k`` of texts; a batch holds at most ``batch_size`` texts.
     """
-    n_layers = model.n_layers
-    index = list(_length_batches(model, texts, batch_size))
-    encs = [encode(model, [texts[i] for i in rows]) for rows in index]
+    sizes = {len(g) for g in groups}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError("every group needs the same, non-zero number of texts")
+    (k,) = sizes
+    pad = model.tokenizer.pad_token_id
+    splits = [split_shared_prefix(_token_ids(model, group)) for group in groups]
+    order = sorted(range(len(groups)), key=lambda g: len(splits[g][0]))  # similar lengths pad less
+    per_unit = max(1, batch_size // k)
+    row_bytes = 4 * model.n_layers * model.d_model + 8
+    units, members = [], []
+    for rows in _batches(len(order), per_unit):
+        chosen = order[rows]
+        prefix = _left_padded([splits[g][0] for g in chosen], pad)
+        select = torch.arange(len(chosen)).repeat_interleave(k)  # group-major rows
+        step, last = _continuation(prefix["attention_mask"][select], [t for g in chosen for t in splits[g][1]], pad)
+        tokens = int(prefix["attention_mask"].sum()) + sum(len(t) for g in chosen for t in splits[g][1])
+        units.append(_Unit((prefix, step, select, last), len(chosen) * k * row_bytes,
+                           _sent_bytes(prefix, step, select, last), 2, len(chosen) * (k + 1), tokens, len(chosen) * k))
+        members.append(chosen)
+    values = _requests(model, phase, units, _prefix_session)
+    states = torch.empty(len(groups), k, model.n_layers, model.d_model)
+    ids = torch.empty(len(groups), k, dtype=torch.long)
+    for chosen, (h, v) in zip(members, values):
+        states[chosen] = h.cpu().float().view(len(chosen), k, model.n_layers, model.d_model)
+        ids[chosen] = v.cpu().view(len(chosen), k)
+    return states, ids
 
-    def step(_):
-        return torch.stack([last_token_residual(model, layer) for layer in range(n_layers)], dim=1)
 
-    values = _requests(model, phase, encs, step, 4 * n_layers * model.d_model)
-    out = torch.empty(len(texts), n_layers, model.d_model)
-    for rows, value in zip(index, values):
-        out[rows] = value.detach().float()
-    return out
+def hidden_states(model: TaskModel, texts: Sequence[str], batch_size: int = 64, phase: str = "extract") -> torch.Tensor:
+    """Last-token residual stream after every layer, (n, n_layers, d_model), float32 on CPU."""
+    return prompt_states(model, [[t] for t in texts], batch_size, phase)[0][:, 0]
 
 
 def task_vectors(model: TaskModel, dummy_texts: Sequence[Sequence[str]], batch_size: int = 64,
                  phase: str = "extract") -> torch.Tensor:
-    """θ for every prompt and layer, (n_prompts, n_layers, d_model): the mean over each prompt's dummy queries."""
-    counts = {len(texts) for texts in dummy_texts}
-    if len(counts) != 1 or 0 in counts:
-        raise ValueError("every prompt needs the same, non-zero number of dummy queries")
-    (k,) = counts
-    flat = [text for texts in dummy_texts for text in texts]
-    states = hidden_states(model, flat, batch_size, phase=phase)
-    return states.view(len(dummy_texts), k, *states.shape[1:]).mean(dim=1)
+    """θ for every prompt and layer, (n_prompts, n_layers, d_model): the mean over each prompt's dummy
+    queries, their shared demonstrations computed once (:func:`prompt_states`)."""
+    return prompt_states(model, dummy_texts, batch_size, phase)[0].mean(dim=1)
+
+
+def task_vectors_and_answers(model: TaskModel, dummy_texts: Sequence[Sequence[str]], regular_texts: Sequence[str],
+                             batch_size: int = 64, phase: str = "extract + regular") -> tuple[torch.Tensor, torch.Tensor]:
+    """θ of each prompt (as :func:`task_vectors`) and its Regular answer (the next token after its
+    demonstrations and real query), in one pass: the dummy prompts and the regular prompt share the
+    demonstrations, computed once. Returns (n, n_layers, d_model) and (n,) token ids."""
+    if len(dummy_texts) != len(regular_texts):
+        raise ValueError("one regular text per prompt")
+    states, ids = prompt_states(model, [list(d) + [r] for d, r in zip(dummy_texts, regular_texts)], batch_size, phase)
+    return states[:, :-1].mean(dim=1), ids[:, -1]
 
 
 def _placed(model: TaskModel, tensor: torch.Tensor) -> torch.Tensor:
@@ -239,11 +411,14 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
                         batch_size: int = 256, phase: str = "patch", return_logits: bool = False) -> torch.Tensor:
     """Next token of each text with θ patched at the last token after each of ``layers``.
 
-    ``vectors``: (n_texts, n_layers, d_model), θ of every layer for each text (row i
-    patches text i). Returns (len(layers), n_texts) token ids. Layers are batched
-    together: each text appears once per layer in one forward pass, so a sweep over
-    all layers costs ceil(n_texts * len(layers) / batch_size) traces. With
-    ``return_logits``: (len(layers), n_texts, vocab) float32 logits instead of ids.
+    ``vectors``: (n_texts, n_layers, d_model), θ of every layer for each text (row i patches text
+    i). Returns (len(layers), n_texts) token ids, or with ``return_logits`` (len(layers), n_texts,
+    vocab) float32 logits.
+
+    Below layer L a patched row is the text itself, and the patch touches only the last position:
+    each text minus its last token runs once into a key/value cache, and every (text, layer) row
+    feeds only the last token on a copy of that cache, θ written after its layer. A batch holds at
+    most ``batch_size`` such rows (remotely also few enough that their θ fit in one request).
     """
     n = len(texts)
     if vectors.dim() != 3 or vectors.shape[0] != n:
@@ -256,31 +431,35 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
         raise ValueError(f"layers must not repeat, got {layers}")
     if remote.is_remote(model.remote):  # the θ rows of a batch travel with the request
         batch_size = max(1, min(batch_size, REQUEST_BYTES // 2 // (4 * model.d_model)))
-    # One row per (layer, text); rows are grouped by layer so each layer patches a contiguous block.
-    jobs = [(li, i) for li in range(len(layers)) for i in range(n)]
-    chunks = [jobs[rows] for rows in _batches(len(jobs), batch_size)]
-    encs, plans = [], []
-    for chunk in chunks:
-        encs.append(encode(model, [texts[i] for _, i in chunk]))
-        blocks: dict[int, list[tuple[int, int]]] = {}
-        for row, (li, i) in enumerate(chunk):
-            blocks.setdefault(layers[li], []).append((row, i))
-        # Sorted so layers are visited in execution order, as nnsight requires.
-        plans.append([(layer, slice(members[0][0], members[-1][0] + 1),
-                       _placed(model, vectors[[i for _, i in members], layer]))
-                      for layer, members in sorted(blocks.items())])
-
-    def step(plan):
-        for layer, block, theta in plan:
-            patch_last_token(model, layer, theta, block)
-        logits = next_token_logits(model)
-        return logits.float() if return_logits else logits.argmax(-1)
-
-    sent = [_sent_bytes(enc, sum(int(theta.numel() * 4) for _, _, theta in plan)) for enc, plan in zip(encs, plans)]
-    values = _requests(model, phase, encs, step, _value_bytes(model, return_logits), sent, plans)
+    ids = _token_ids(model, texts)
+    if min(len(row) for row in ids) < 2:
+        raise ValueError("every text needs at least two tokens (the cached part and the patched last token)")
+    pad = model.tokenizer.pad_token_id
+    order = sorted(range(n), key=lambda i: len(ids[i]))
+    units, jobs_of = [], []
+    for layer_rows in _batches(len(layers), batch_size):
+        chosen_layers = list(range(len(layers)))[layer_rows]
+        for text_rows in _batches(n, max(1, batch_size // len(chosen_layers))):
+            chosen = order[text_rows]
+            prefix = _left_padded([ids[i][:-1] for i in chosen], pad)
+            jobs = [(li, t) for li in chosen_layers for t in range(len(chosen))]  # layer-major: one block per layer
+            select = torch.tensor([t for _, t in jobs])
+            step, _ = _continuation(prefix["attention_mask"][select], [[ids[chosen[t]][-1]] for _, t in jobs], pad)
+            plan = []
+            for position, li in enumerate(chosen_layers):
+                block = slice(position * len(chosen), (position + 1) * len(chosen))
+                plan.append((layers[li], block, _placed(model, vectors[chosen, layers[li]])))
+            plan.sort(key=lambda item: item[0])  # nnsight visits layers in execution order
+            tokens = int(prefix["attention_mask"].sum()) + len(jobs)
+            units.append(_Unit((prefix, step, select, plan, return_logits), len(jobs) * _value_bytes(model, return_logits),
+                               _sent_bytes(prefix, step, select, extra=sum(int(t.numel() * 4) for _, _, t in plan)),
+                               2, len(chosen) + len(jobs), tokens, len(jobs)))
+            jobs_of.append([(li, chosen[t]) for li, t in jobs])
+    values = _requests(model, phase, units, _patched_session)
     result = torch.empty((len(layers), n, *values[0].shape[1:]), dtype=values[0].dtype)
-    for chunk, value in zip(chunks, values):
-        for row, (li, i) in enumerate(chunk):
+    for jobs, value in zip(jobs_of, values):
+        value = value.cpu()
+        for row, (li, i) in enumerate(jobs):
             result[li, i] = value[row]
     return result
 
@@ -295,12 +474,13 @@ def vocab_logits(model: TaskModel, vectors: torch.Tensor) -> torch.Tensor:
     if vectors.dim() != 2 or vectors.shape[1] != model.d_model:
         raise ValueError(f"vectors must be (n, d_model={model.d_model}), got {tuple(vectors.shape)}")
     theta = _placed(model, vectors)
-    encs = [encode(model, [model.tokenizer.decode([model.tokenizer.pad_token_id])])]
+    enc = encode(model, [model.tokenizer.decode([model.tokenizer.pad_token_id])])
     norm = model.arch.get(model.nn, model.arch.final_norm)
     unembed = model.arch.get(model.nn, model.arch.unembed)
 
     def step(vectors):
         return unembed(norm(vectors[:, None, :]))[:, -1].float()
 
-    return _requests(model, "vocab", encs, step, _value_bytes(model, True) * len(theta),
-                     [_sent_bytes(encs[0], int(theta.numel() * 4))], [theta])[0]
+    unit = _Unit((enc, step, theta), _value_bytes(model, True) * len(theta), _sent_bytes(enc, theta), 1, 1, 1,
+                 len(theta))
+    return _requests(model, "vocab", [unit], _plain_session)[0].cpu()

@@ -86,3 +86,44 @@ def test_task_vectors_average_dummy_queries(tiny):
     states = mechanism.hidden_states(tiny, TEXTS)
     torch.testing.assert_close(theta[0], states[:2].mean(0))
     torch.testing.assert_close(theta[1], states[1:].mean(0))
+
+
+# Few-shot prompts as the experiment builds them: each group's dummy and regular prompts share their
+# demonstrations (longer than the tiny Gemma 3's sliding window of 16 positions), then differ.
+DEMOS = ["example:hot->cold\nexample:up->down\nexample:big->small\n", "example:a->b\nexample:c->d\n"]
+GROUPS = [[DEMOS[0] + "example:in->", DEMOS[0] + "example:wet->", DEMOS[0] + "example:yes->"],
+          [DEMOS[1] + "example:e->", DEMOS[1] + "example:gh->", DEMOS[1] + "example:x->"]]
+
+
+def test_shared_prefix_states_and_answers_match_plain_forward(tiny):
+    """prompt_states computes each group's demonstrations once and the rest on a cache copy: every text's
+    states and next token equal a plain forward of that text alone."""
+    states, ids = mechanism.prompt_states(tiny, GROUPS, batch_size=4)  # 2 texts per batch: several caches
+    for g, group in enumerate(GROUPS):
+        for t, text in enumerate(group):
+            torch.testing.assert_close(states[g, t], plain_last_hidden(tiny, text), atol=ATOL, rtol=RTOL)
+            with torch.no_grad():
+                logits = tiny.hf(**tiny.tokenizer(text, return_tensors="pt")).logits[0, -1]
+            assert int(ids[g, t]) == int(logits.argmax())
+    theta, regular = mechanism.task_vectors_and_answers(tiny, [g[:2] for g in GROUPS], [g[2] for g in GROUPS])
+    torch.testing.assert_close(theta, states[:, :2].mean(1))
+    assert regular.tolist() == ids[:, 2].tolist()
+
+
+def test_a_shared_prefix_is_split_on_token_ids():
+    prefix, rest = mechanism.split_shared_prefix([[1, 5, 6, 7], [1, 5, 6, 9, 9], [1, 5, 8]])
+    assert prefix == [1, 5] and rest == [[6, 7], [6, 9, 9], [8]]
+    prefix, rest = mechanism.split_shared_prefix([[1, 5, 6], [1, 5, 6]])
+    assert prefix == [1, 5] and rest == [[6], [6]]  # each text keeps its last token
+    with pytest.raises(ValueError, match="share no first token"):
+        mechanism.split_shared_prefix([[2, 5], [1, 5]])
+
+
+def test_the_cached_sweep_recomputes_only_the_last_token(tiny_gpt2):
+    """Forward tokens of a sweep: each text once, minus its last token, plus one token per (text, layer)."""
+    mechanism.USAGE.reset()
+    vectors = torch.zeros(len(TEXTS), tiny_gpt2.n_layers, tiny_gpt2.d_model)
+    mechanism.patched_next_tokens(tiny_gpt2, TEXTS, vectors, range(tiny_gpt2.n_layers), phase="sweep")
+    lengths = [len(tiny_gpt2.tokenizer(t).input_ids) for t in TEXTS]
+    expected = sum(n - 1 for n in lengths) + len(TEXTS) * tiny_gpt2.n_layers
+    assert mechanism.USAGE.by_phase["sweep"]["tokens"] == expected

@@ -60,9 +60,9 @@ def test_remote_equals_local_on_every_operation(served):
 def test_a_phase_is_one_request(served):
     far, _ = served
     mechanism.USAGE.reset()
-    mechanism.hidden_states(far, TEXTS * 4, batch_size=2, phase="bundled")  # 8 batches
+    mechanism.hidden_states(far, TEXTS * 4, batch_size=2, phase="bundled")  # 8 batches of a prefix and a step
     entry = mechanism.USAGE.by_phase["bundled"]
-    assert (entry["requests"], entry["traces"]) == (1, 8)
+    assert (entry["requests"], entry["traces"]) == (1, 16)
 
 
 def test_main_experiment_on_gemma_through_the_server_equals_local(ndif_server, real_model, tmp_path):
@@ -170,6 +170,6 @@ def test_a_sweep_larger_than_a_request_is_split_and_still_equals_local(ndif_serv
     mechanism.USAGE.reset()
     got = mechanism.patched_next_tokens(far, texts, vectors, range(far.n_layers), phase="big sweep")
     entry = mechanism.USAGE.by_phase["big sweep"]
-    assert entry["requests"] >= 4 and entry["rows"] == 60 * far.n_layers
+    assert entry["requests"] >= 4 and entry["rows"] == 60 + 60 * far.n_layers  # each prefix once, a row per layer
     want = mechanism.patched_next_tokens(real_model, texts, vectors, range(real_model.n_layers))
     assert got.tolist() == want.tolist()
