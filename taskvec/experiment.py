@@ -26,6 +26,7 @@ from tqdm import tqdm  # not tqdm.auto: no widget warning inside notebooks
 from . import mechanism
 from .errors import SettingError
 from .models import TaskModel, load_model, placement
+from .remote import is_remote as remote_is_remote
 from .remote import where as remote_where
 from .store import Store, make_key, model_fingerprint
 from .prompts import FewShotPrompt, PromptFormat, sample_prompts, sample_queries
@@ -41,6 +42,8 @@ PREFIX_RULES = ("first_token", "lenient")
 #: How word tasks are spelled: ``rule`` (the original implementation's, :meth:`Protocol.format_for`)
 #: or ``bare`` (every task as ``example:cat->gato``).
 WORD_FORMATS = ("rule", "bare")
+#: Weight dtypes a protocol may ask for (None: the model's default, see taskvec.models.placement).
+DTYPES = (None, "float32", "bfloat16")
 #: The categories the spacing rule applies to (word lists scored by exact match).
 WORD_CATEGORIES = ("translation", "linguistic")
 #: Spaced when it keeps at least this share of the single-token answers the bare form has.
@@ -75,6 +78,7 @@ class Protocol:
     separator: str = "\n"  # between demonstrations
     single_token: bool = True  # keep only examples whose answer is one token ("exact" tasks)
     word_format: str = "rule"  # word tasks' spelling: "rule" (the original code's, see format_for) or "bare"
+    dtype: str | None = None  # weights' dtype, "float32" or "bfloat16"; None: the model's default (float32 on a CPU)
     prefix_rule: str = "first_token"  # how "prefix" (knowledge) tasks are scored: see Scorer
     batch_size: int = 64  # rows per forward pass for full prompts
     patch_batch_size: int = 256  # rows per forward pass in the layer sweep (short query-only prompts)
@@ -85,6 +89,8 @@ class Protocol:
                 raise SettingError(f"Protocol.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.prefix_rule not in PREFIX_RULES:
             raise SettingError(f"Protocol.prefix_rule must be one of {', '.join(PREFIX_RULES)}, got {self.prefix_rule!r}")
+        if self.dtype not in DTYPES:
+            raise SettingError(f"Protocol.dtype must be one of {', '.join(map(str, DTYPES))}, got {self.dtype!r}")
         if self.word_format not in WORD_FORMATS:
             raise SettingError(f"Protocol.word_format must be one of {', '.join(WORD_FORMATS)}, got {self.word_format!r}")
         PromptFormat(self.template, self.separator)  # validates the template
@@ -295,13 +301,14 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSe
     dev_accuracy = dev_correct.mean(dim=1)
     best_layer = int(dev_accuracy.argmax())  # earliest layer among ties
 
-    phase("test: extract θ")
-    test_vectors = mechanism.task_vectors(model, [q.dummy_texts(fmt) for q in prompts.test], p.batch_size, "test extract")
+    phase("test: extract θ, regular")
+    # The dummy prompts and the Regular prompt share their demonstrations: one pass gives θ and Regular.
+    test_vectors, reg_ids = mechanism.task_vectors_and_answers(
+        model, [q.dummy_texts(fmt) for q in prompts.test], [q.regular_text(fmt) for q in prompts.test], p.batch_size,
+        "test extract + regular")
     phase("test: hypothesis")
     hyp_ids = mechanism.patched_next_tokens(
         model, [q.query_text(fmt) for q in prompts.test], test_vectors, [best_layer], p.patch_batch_size, "hypothesis")[0]
-    phase("test: regular")
-    reg_ids = mechanism.next_tokens(model, [q.regular_text(fmt) for q in prompts.test], p.batch_size, "regular")
     phase("baseline")
     base_ids = mechanism.next_tokens(model, [q.query_text(fmt) for q in prompts.baseline], p.batch_size, "baseline")
 
@@ -370,7 +377,7 @@ def main_keys(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol,
     weights = model_fingerprint(model) if isinstance(model, str) else model.weights_sha256
     if not weights:
         raise ValueError(f"model {name!r} has no weights hash; caching needs one (TaskModel.weights_sha256)")
-    device, dtype = placement(name, remote=remote) if isinstance(model, str) else model.placement
+    device, dtype = placement(name, dtype=protocol.dtype, remote=remote) if isinstance(model, str) else model.placement
     prompts = prompts or {}
     return {t.name: task_key(name, weights, t, protocol, prompts.get(t.name), device=device, dtype=dtype)
             for t in tasks}
@@ -396,6 +403,9 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
     need = protocol.n_shots + 1 + protocol.n_dummies
     prompts = prompts or {}
     name = model if isinstance(model, str) else model.name
+    if not isinstance(model, str) and protocol.dtype and not remote_is_remote(model.remote) \
+            and model.placement[1] != protocol.dtype:
+        raise SettingError(f"the protocol asks for {protocol.dtype} weights, {name} is loaded in {model.placement[1]}")
     keys = main_keys(model, tasks, protocol, prompts, remote) if store else {}
     cached = {t.name for t in tasks if store and store.has("main", name, keys[t.name])}
     loaded: list[TaskModel] = [] if isinstance(model, str) else [model]
