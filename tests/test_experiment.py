@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from taskvec.experiment import PromptSet, Protocol, run_main_experiment
 from taskvec.prompts import read_jsonl, write_jsonl
@@ -80,3 +81,15 @@ def test_single_token_filter_keeps_only_one_token_answers():
         Example("a", ("b",)), Example("c", ("de",)), Example("f", ("g", "hi")), Example("j", ("kl", "m"))))
     kept = single_token_examples(task, char_tokenizer(), PromptFormat())
     assert kept.examples == (Example("a", ("b",)), Example("f", ("g",)))
+
+
+def test_a_protocols_dtype_is_checked_keyed_and_matched_to_the_loaded_model(tiny_gpt2):
+    from taskvec.errors import SettingError
+    from taskvec.experiment import main_keys
+
+    with pytest.raises(SettingError, match="Protocol.dtype must be one of"):
+        Protocol(dtype="float8")
+    tasks = load_tasks(["next_letter"])
+    assert main_keys("gemma-3-270m", tasks, Protocol(dtype="bfloat16")) != main_keys("gemma-3-270m", tasks, Protocol())
+    with pytest.raises(SettingError, match="asks for bfloat16 weights, tiny-gpt2 is loaded in float32"):
+        run_main_experiment(tiny_gpt2, tasks, Protocol(dtype="bfloat16", n_dev=2, n_test=2, n_baseline=2), progress=False)
