@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="weights' dtype (default: the model's, float32 on a CPU)")
     parser.add_argument("--compare", metavar="DIR", help="a folder written by --save: count predictions that differ")
-    parser.add_argument("--save", metavar="DIR", help="write this run's predictions and accuracy table there")
+    # dest: nnsight gives every object a .save() method, which argparse would take for the option's value
+    parser.add_argument("--save", dest="save_dir", metavar="DIR", help="write this run's predictions and accuracy table there")
     parser.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
                         help="run on NDIF (nnsight's configured host, or HOST): requests per task and seconds per request")
     args = parser.parse_args()
@@ -115,8 +116,8 @@ def main() -> None:
           f"{'met' if rss <= TARGET_RSS_GB else 'MISSED'}")
     print("mean accuracy:", result.summary().round(3).to_dict())
     columns = ["task", "condition", "prompt", "token_id", "correct"]
-    if args.save:
-        out = Path(args.save)
+    if args.save_dir:
+        out = Path(args.save_dir)
         out.mkdir(parents=True, exist_ok=True)
         result.predictions[columns].to_csv(out / "predictions.csv", index=False)
         result.dev_curve.to_csv(out / "dev_curve.csv", index=False)
