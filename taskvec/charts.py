@@ -143,26 +143,34 @@ def tsne_scatter(points: pd.DataFrame) -> alt.Chart:
 
 
 def distance_histogram(distances: pd.DataFrame, bins: int = 40) -> alt.Chart:
-    """Fig. 9 / distance histograms: cosine distance of task-vector pairs, within vs between tasks.
+    """Fig. 9 / distance histograms: cosine distance of task-vector pairs, within vs between tasks, as bars,
+    one panel per model (column ``model``, if any).
 
     Binned in pandas (the pairs number in the hundreds of thousands); each histogram is
     normalized to a fraction of its pairs so the two are comparable.
     """
-    edges = np.linspace(0.0, float(max(distances["distance"].max(), 1e-6)), bins + 1)
+    if "model" not in distances:
+        distances = distances.assign(model="")
     rows = []
-    for pair, group in distances.groupby("pair"):
-        counts, _ = np.histogram(group["distance"], bins=edges)
-        for lo, hi, c in zip(edges[:-1], edges[1:], counts):
-            rows.append({"pair": pair, "start": lo, "end": hi, "fraction": c / max(len(group), 1), "pairs": int(c)})
+    for model, part in distances.groupby("model", sort=False):
+        edges = np.linspace(0.0, float(max(part["distance"].max(), 1e-6)), bins + 1)
+        for pair, group in part.groupby("pair"):
+            counts, _ = np.histogram(group["distance"], bins=edges)
+            for lo, hi, c in zip(edges[:-1], edges[1:], counts):
+                rows.append({"model": model, "pair": pair, "start": lo, "end": hi,
+                             "fraction": c / max(len(group), 1), "pairs": int(c)})
     data = pd.DataFrame(rows)
-    return alt.Chart(data).mark_bar(opacity=0.6, binSpacing=0).encode(
+    chart = alt.Chart(data).mark_bar(opacity=0.6, binSpacing=0).encode(
         x=alt.X("start:Q", title="cosine distance between two task vectors"), x2="end:Q",
         y=alt.Y("fraction:Q", title="fraction of pairs", stack=None),
         color=alt.Color("pair:N", scale=alt.Scale(domain=["within", "between"], range=["#4c78a8", "#f58518"]),
-                        legend=alt.Legend(title="pair of vectors from")),
-        tooltip=["pair:N", alt.Tooltip("start:Q", format=".3f"), alt.Tooltip("end:Q", format=".3f"),
+                        legend=alt.Legend(title="pair of vectors from", orient="top")),
+        tooltip=["model:N", "pair:N", alt.Tooltip("start:Q", format=".3f"), alt.Tooltip("end:Q", format=".3f"),
                  "pairs:Q", alt.Tooltip("fraction:Q", format=".3f")],
-    ).properties(width=480, height=240)
+    ).properties(width=480, height=200)
+    if data["model"].nunique() > 1:
+        return chart.facet(row=alt.Row("model:N", title=None)).resolve_scale(x="independent")
+    return chart
 
 
 def dominance_bars(table: pd.DataFrame) -> alt.Chart:
@@ -246,5 +254,6 @@ def format_effect(both: pd.DataFrame) -> alt.Chart:
     marks = alt.Chart().mark_point(size=50, strokeWidth=2).encode(
         x="accuracy:Q", y=y, yOffset=yoff, color=color,
         fill=alt.condition(alt.datum.written == "rule", color, alt.value("white")), tooltip=tips)
+    rows = {"row": alt.Row("model:N", title=None)} if "model" in data and data["model"].nunique() > 1 else {}
     return alt.layer(rules, marks, data=data).properties(width=140, height=alt.Step(11)).facet(
-        column=alt.Column("condition:N", sort=list(CONDITION_NAMES.values()), title=None))
+        column=alt.Column("condition:N", sort=list(CONDITION_NAMES.values()), title=None), **rows)

@@ -42,18 +42,20 @@ def store_for(cache_dir: str | None) -> Store:
 
 
 @lru_cache(maxsize=4)
-def _model(name: str, remote: bool | str) -> TaskModel:
+def _model(name: str, remote: bool | str, dtype: str | None) -> TaskModel:
     if remote:
         from nnsight import CONFIG
 
         CONFIG.APP.REMOTE_LOGGING = False  # nnsight's per-request status lines would fill the book's pages
-    return load_model(name, remote=remote)
+        return load_model(name, remote=remote)
+    return load_model(name, dtype=dtype)
 
 
-def model(name: str, remote: bool | str = False) -> TaskModel:
+def model(name: str, remote: bool | str = False, dtype: str | None = None) -> TaskModel:
     """The loaded model, shared by all calls in one process (a notebook); ``remote``: served by NDIF
-    (True or "true" for nnsight's configured host, or a host URL), weights never loaded here."""
-    return _model(name, remote_setting(remote))
+    (True or "true" for nnsight's configured host, or a host URL), weights never loaded here;
+    ``dtype``: the protocol's (None: the model's default)."""
+    return _model(name, remote_setting(remote), dtype)
 
 
 def as_list(value: str | Sequence[str] | None) -> list[str]:
@@ -80,7 +82,7 @@ def main_results(models: str | Sequence[str], tasks: str | Sequence[str] | None,
     # The model loads only if a task is missing from the cache, through the notebook-wide model()
     # so later sections (dominance, interpretation) reuse it.
     results = {name: run_main_experiment(name, task_list, protocol, progress=progress, store=store,
-                                         loader=lambda n: model(n, remote), remote=remote)
+                                         loader=lambda n: model(n, remote, protocol.dtype), remote=remote)
                for name in models}
     for label, (name, setting, _) in beside_runs(beside, tasks, protocol, cache_dir).items():
         if label not in results:
@@ -239,12 +241,12 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
     for a_name, b_name in pairs:
         task_a, task_b = load_task(a_name), load_task(b_name)
         key = make_key(ANALYSIS_MODULES, kind="dominance", model=name, weights=model_fingerprint(name),
-                       placement=placement(name, remote=remote),
+                       placement=placement(name, dtype=protocol.dtype, remote=remote),
                        a=task_a.identity(), b=task_b.identity(), protocol=protocol,
                        n_prompts=n_prompts, n_shots=n_shots, n_dev=n_dev)
         folder = store.path("dominance", name, key)
         if not store.has("dominance", name, key):
-            out = analysis.conflicting_tasks(model(name, remote), task_a, task_b, protocol, n_prompts, n_shots, n_dev)
+            out = analysis.conflicting_tasks(model(name, remote, protocol.dtype), task_a, task_b, protocol, n_prompts, n_shots, n_dev)
 
             def write(f, out=out):
                 out["table"].to_csv(f / "table.csv", index=False)
@@ -256,20 +258,23 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
 
 
 def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | None = None,
-                   remote: bool | str = False) -> pd.DataFrame:
+                   remote: bool | str = False, cached_only: bool = False) -> pd.DataFrame | None:
     """Top tokens of each task's mean θ at its analysis layer (cached); see :func:`analysis_layers`.
 
-    Columns task, layer, rank, token, logit, saturated.
+    Columns task, layer, rank, token, logit, saturated. With ``cached_only`` (a run shown beside
+    this one) nothing is computed: None when the tokens are not in the cache.
     """
     store, remote = store_for(cache_dir), remote_setting(remote)
     layers, _ = analysis_layers(result)
     key = make_key(ANALYSIS_MODULES, kind="interpretation", model=name, weights=model_fingerprint(name),
-                   placement=placement(name, remote=remote), layers=layers, k=top_k,
+                   placement=placement(name, dtype=result.protocol.dtype, remote=remote), layers=layers, k=top_k,
                    vectors={t: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
                             for t, v in result.task_vectors.items()})
     folder = store.path("interpretation", name, key)
     if not store.has("interpretation", name, key):
-        table = analysis.task_vector_tokens(model(name, remote), result.task_vectors, layers, top_k)
+        if cached_only:
+            return None
+        table = analysis.task_vector_tokens(model(name, remote, result.protocol.dtype), result.task_vectors, layers, top_k)
         folder = store.save("interpretation", name, key,
                             lambda f: table.to_json(f / "tokens.json", orient="records", force_ascii=False))
     tokens = pd.DataFrame(json.loads((folder / "tokens.json").read_text()))
