@@ -112,6 +112,11 @@ def conflict_prompts(task_a: Task, task_b: Task, n: int, n_shots: int, seed: int
     return prompts_a, prompts_b
 
 
+#: Columns of conflicting_tasks' table and dev curve.
+CONFLICT_COLUMNS = ["task_a", "task_b", "condition", "acc_a", "acc_b", "n", "layer", "n_dev"]
+CONFLICT_CURVE_COLUMNS = ["task_a", "task_b", "layer", "acc_a", "acc_b"]
+
+
 def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Protocol,
                       n_prompts: int = 50, n_shots: int = 4, n_dev: int = 25) -> dict[str, pd.DataFrame]:
     """Table 2 for one pair: accuracy w.r.t. A and B, without (Regular) and with θ_B patched (Conflicting).

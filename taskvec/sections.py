@@ -234,10 +234,12 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
 
     The layer θ_B is patched at is chosen per pair on ``n_dev`` dev prompts of the conflicting
     setting itself (accuracy w.r.t. B), then the table is scored on ``n_prompts`` test prompts.
-    Returns ``table`` and ``dev_curve`` (see :func:`taskvec.analysis.conflicting_tasks`).
+    Returns ``table`` and ``dev_curve`` (see :func:`taskvec.analysis.conflicting_tasks`), and
+    ``skipped``: the pairs this model's tokenizer leaves too few shared single-token examples for one
+    prompt (found before any forward pass), with the reason.
     """
     store, remote = store_for(cache_dir), remote_setting(remote)
-    tables, curves = [], []
+    tables, curves, skipped = [], [], []
     for a_name, b_name in pairs:
         task_a, task_b = load_task(a_name), load_task(b_name)
         key = make_key(ANALYSIS_MODULES, kind="dominance", model=name, weights=model_fingerprint(name),
@@ -246,7 +248,12 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
                        n_prompts=n_prompts, n_shots=n_shots, n_dev=n_dev)
         folder = store.path("dominance", name, key)
         if not store.has("dominance", name, key):
-            out = analysis.conflicting_tasks(model(name, remote, protocol.dtype), task_a, task_b, protocol, n_prompts, n_shots, n_dev)
+            try:
+                out = analysis.conflicting_tasks(model(name, remote, protocol.dtype), task_a, task_b, protocol,
+                                                 n_prompts, n_shots, n_dev)
+            except SettingError as error:  # too few shared examples for this tokenizer: raised before compute
+                skipped.append({"task_a": a_name, "task_b": b_name, "reason": str(error)})
+                continue
 
             def write(f, out=out):
                 out["table"].to_csv(f / "table.csv", index=False)
@@ -254,7 +261,10 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
             folder = store.save("dominance", name, key, write)
         tables.append(pd.read_csv(folder / "table.csv"))
         curves.append(pd.read_csv(folder / "dev_curve.csv"))
-    return {"table": pd.concat(tables, ignore_index=True), "dev_curve": pd.concat(curves, ignore_index=True)}
+    empty = {"table": analysis.CONFLICT_COLUMNS, "dev_curve": analysis.CONFLICT_CURVE_COLUMNS}
+    return {"table": pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=empty["table"]),
+            "dev_curve": pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=empty["dev_curve"]),
+            "skipped": pd.DataFrame(skipped, columns=["task_a", "task_b", "reason"])}
 
 
 def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | None = None,

@@ -45,3 +45,18 @@ def test_conflicting_layer_is_chosen_where_theta_of_b_wins(real_model):
     assert table.loc["regular", "acc_a"] >= 0.6  # without the patch the model follows A (observed 1.0)
     assert table.loc["conflicting", "acc_b"] >= 0.6  # with θ_B it follows B (observed 1.0)
     assert table.loc["conflicting", "acc_a"] <= 0.3
+
+
+def test_a_pair_too_small_for_the_tokenizer_is_skipped_before_any_compute(tiny_gpt2, tmp_path, monkeypatch):
+    """A character tokenizer has no single-token Spanish words: the pair is reported as skipped, not an error."""
+    from taskvec import mechanism, sections
+
+    folder = tmp_path / "model"
+    tiny_gpt2.hf.save_pretrained(folder)
+    tiny_gpt2.tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(mechanism, "_requests", lambda *a, **k: pytest.fail("computed for a skipped pair"))
+    out = sections.dominance(str(folder), Protocol(n_dev=2, n_test=2, n_baseline=2), [["en_es", "en_fr"]],
+                             n_prompts=4, n_shots=4, n_dev=2, cache_dir=str(tmp_path / "cache"))
+    assert out["table"].empty and out["dev_curve"].empty
+    assert out["skipped"][["task_a", "task_b"]].values.tolist() == [["en_es", "en_fr"]]
+    assert "a prompt needs 5" in out["skipped"]["reason"].iloc[0]
