@@ -40,6 +40,7 @@ PACKAGE = Path(__file__).resolve().parent
 #: Section notebooks in reading order; the last two read what the others produced.
 NOTEBOOKS = ("data", "finding_L", "accuracy", "geometry", "dominance", "interpretation", "comparison", "provenance")
 COMMON = ("models", "tasks", "protocol", "cache_dir", "remote", "beside")
+#: The keys of a profile (taskvec.schema.ProfileSpec).
 PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections", "remote", "beside"}
 
 
@@ -64,11 +65,17 @@ class Profile:
 
 
 def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
-    """Parse and validate an experiment file: returns (default profile name, profiles)."""
+    """Parse and validate an experiment file (against :class:`taskvec.schema.ExperimentFile`):
+    returns (default profile name, profiles). Every problem found is reported, one per line, each
+    naming the file and the key path."""
+    from pydantic import ValidationError
+
+    from .schema import ExperimentFile, problems
+
     path = Path(path)
 
-    def fail(problem: str):
-        raise ExperimentFileError(f"{path}: {problem}")
+    def fail(*found: str):
+        raise ExperimentFileError("\n".join(f"{path}: {problem}" for problem in found))
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -76,63 +83,14 @@ def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
         fail(f"cannot read ({error.strerror})")
     except yaml.YAMLError as error:
         fail(f"not valid YAML ({str(error).splitlines()[0]})")
-    if not isinstance(data, dict) or not isinstance(data.get("profiles"), dict) or not data["profiles"]:
-        fail("needs a 'profiles' mapping with at least one profile")
-    unknown = set(data) - {"default", "profiles"}
-    if unknown:
-        fail(f"unknown top-level key(s) {', '.join(sorted(unknown))}")
-    profiles = {}
-    from .sections import PROTOCOL_FIELDS
-    from .tasks import list_tasks
-
-    known_tasks = set(list_tasks())
-    for name, raw in data["profiles"].items():
-        where = f"profiles.{name}"
-        if not isinstance(raw, dict):
-            fail(f"{where} must be a mapping")
-        extra = set(raw) - PROFILE_KEYS
-        if extra:
-            fail(f"{where}: unknown key(s) {', '.join(sorted(extra))} (allowed: {', '.join(sorted(PROFILE_KEYS))})")
-        models = raw.get("models")
-        if not (isinstance(models, list) and models and all(isinstance(m, str) for m in models)):
-            fail(f"{where}.models must be a non-empty list of model names")
-        tasks = raw.get("tasks") or []
-        if not (isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)):
-            fail(f"{where}.tasks must be a list of task names (empty = all)")
-        bad_tasks = [t for t in tasks if t not in known_tasks]
-        if bad_tasks:
-            fail(f"{where}.tasks: unknown task(s) {', '.join(bad_tasks)}")
-        protocol = raw.get("protocol") or {}
-        if not isinstance(protocol, dict):
-            fail(f"{where}.protocol must be a mapping")
-        bad = set(protocol) - PROTOCOL_FIELDS
-        if bad:
-            fail(f"{where}.protocol: unknown setting(s) {', '.join(sorted(bad))}")
-        sections = raw.get("sections") or {}
-        if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
-            fail(f"{where}.sections must map section names to parameter mappings")
-        bad = set(sections) - set(NOTEBOOKS)
-        if bad:
-            fail(f"{where}.sections: unknown section(s) {', '.join(sorted(bad))} (sections: {', '.join(NOTEBOOKS)})")
-        for section, params in sections.items():
-            clash = set(params) & set(COMMON)
-            if clash:
-                fail(f"{where}.sections.{section}: {', '.join(sorted(clash))} belong(s) to the profile, not a section")
-        served = raw.get("remote", False)
-        if not (isinstance(served, bool) or (isinstance(served, str) and served.startswith(("http://", "https://")))):
-            fail(f"{where}.remote must be true, false or an http(s) URL of an NDIF host, got {served!r}")
-        beside = raw.get("beside") or {}
-        if not (isinstance(beside, dict) and all(isinstance(m, str) for m in beside)):
-            fail(f"{where}.beside must map model names to a remote setting (true, false or an NDIF host URL)")
-        for model, value in beside.items():
-            if not (isinstance(value, bool) or (isinstance(value, str) and value.startswith(("http://", "https://")))):
-                fail(f"{where}.beside.{model} must be true, false or an http(s) URL of an NDIF host, got {value!r}")
-        profiles[name] = Profile(name, str(raw.get("description", "")), models, tasks, protocol, sections, served,
-                                 beside)
-    default = data.get("default", next(iter(profiles)))
-    if default not in profiles:
-        fail(f"default profile {default!r} is not defined")
-    return default, profiles
+    try:
+        spec = ExperimentFile.model_validate(data)
+    except ValidationError as error:
+        fail(*problems(error))
+    profiles = {name: Profile(name, p.description, p.models, p.tasks, p.protocol_settings(), p.sections, p.remote,
+                              p.beside)
+                for name, p in spec.profiles.items()}
+    return spec.default_profile(), profiles
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:

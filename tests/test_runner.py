@@ -52,12 +52,61 @@ OK = {"models": ["gemma-3-270m"], "tasks": ["antonyms"], "protocol": {"n_dev": 2
     ({"default": "q", "profiles": {"p": OK}}, "default profile 'q' is not defined"),
     ({"profiles": {"p": {**OK, "beside": ["gpt2"]}}}, "profiles.p.beside must map model names"),
     ({"profiles": {"p": {**OK, "beside": {"gpt2": "yes"}}}}, "profiles.p.beside.gpt2 must be true, false or an http(s) URL"),
+    # checked by the schema's types (taskvec/schema.py), each at its key path
+    ({"profiles": {"p": {**OK, "protocol": {"n_dev": "many"}}}},
+     "profiles.p.protocol.n_dev: Input should be a valid integer, got 'many'"),
+    ({"profiles": {"p": {**OK, "protocol": {"dtype": "float16"}}}}, "profiles.p.protocol.dtype: Input should be"),
+    ({"profiles": {"p": {**OK, "protocol": {"n_dev": 0}}}}, "profiles.p.protocol: Protocol.n_dev must be >= 1"),
+    ({"profiles": {"p": {"tasks": ["antonyms"]}}}, "profiles.p: missing required key models"),
+    ({"profiles": {"p": {**OK, "remote": 1}}}, "profiles.p.remote must be true, false or an http(s) URL"),
 ])
 def test_malformed_experiment_file(tmp_path, data, problem):
     path = write_yaml(tmp_path, data)
     with pytest.raises(ExperimentFileError) as info:
         load_experiments(path)
     assert str(path) in str(info.value) and problem in str(info.value)
+
+
+def test_every_problem_in_the_file_is_reported_with_its_key_path(tmp_path):
+    path = write_yaml(tmp_path, {"profiles": {"p": {**OK, "tasks": ["antonym"]},
+                                              "q": {**OK, "protocol": {"seed": "41", "n_devs": 3}}}})
+    with pytest.raises(ExperimentFileError) as info:
+        load_experiments(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and lines[0] == f"{path}: profiles.p.tasks: unknown task(s) antonym"
+    assert lines[1].startswith(f"{path}: profiles.q.protocol: unknown setting(s) n_devs (allowed: batch_size, ")
+    assert lines[1].endswith("; did you mean n_dev?)")
+
+
+def test_keys_left_empty_take_their_defaults_and_protocol_keeps_only_what_the_file_sets(tmp_path):
+    path = write_yaml(tmp_path, "profiles:\n  p:\n    models: [gemma-3-270m]\n    tasks:\n    sections:\n"
+                                "    protocol: {seed: 7, n_dev: 3}\n")
+    default, profiles = load_experiments(path)
+    p = profiles["p"]
+    assert default == "p" and (p.tasks, p.sections, p.beside, p.remote, p.description) == ([], {}, {}, False, "")
+    assert p.protocol == {"seed": 7, "n_dev": 3}
+    assert p.parameters("geometry", "c")["protocol"] == {"seed": 7, "n_dev": 3}
+
+
+def test_schema_keys_are_the_runners_and_the_protocols():
+    from taskvec.schema import ProfileSpec, ProtocolSpec
+    from taskvec.sections import PROTOCOL_FIELDS
+
+    assert set(ProfileSpec.model_fields) == runner.PROFILE_KEYS
+    assert set(ProtocolSpec.model_fields) == PROTOCOL_FIELDS
+    assert all(ProtocolSpec.model_fields[name].default == getattr(Protocol(), name) for name in PROTOCOL_FIELDS)
+
+
+def test_experiment_file_page_is_current():
+    """book/experiments.md is what scripts/experiments_doc.py writes from the schema (rerun it after a change)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("experiments_doc", ROOT / "scripts" / "experiments_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = (ROOT / "book" / "experiments.md").read_text(encoding="utf-8")
+    assert page == module.render(), "book/experiments.md is stale: run .venv/bin/python scripts/experiments_doc.py"
+    assert "| `n_dev` | integer | `50` | prompts used to choose L |" in page
 
 
 def test_unknown_notebook_parameter_is_rejected_before_compute(tmp_path, monkeypatch):
