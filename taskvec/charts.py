@@ -78,8 +78,10 @@ def accuracy_bars(intervals: pd.DataFrame) -> alt.Chart:
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.15)),
     ).add_params(pick)
     rules = base.mark_rule(color="black", strokeWidth=1).encode(x=alt.X("lo:Q", title="accuracy"), x2="hi:Q")
-    return alt.layer(bars, rules, data=data).properties(width=330, height=alt.Step(7)).facet(
-        column=alt.Column("model:N", title=None))
+    width = 330 if data["model"].nunique() == 1 else 190
+    # Each panel its own task labels: "(saturated)" is a property of a task on one model.
+    return alt.layer(bars, rules, data=data).properties(width=width, height=alt.Step(7)).facet(
+        column=alt.Column("model:N", title=None)).resolve_scale(y="independent")
 
 
 def per_task_vs_paper(intervals: pd.DataFrame, paper_tasks: pd.DataFrame) -> alt.Chart:
@@ -130,16 +132,26 @@ def depth_vs_paper(curves: pd.DataFrame, paper_curves: pd.DataFrame) -> alt.Char
 
 def tsne_scatter(points: pd.DataFrame) -> alt.Chart:
     """Fig. 5: t-SNE of task vectors, one colour per task; click a task in the legend to isolate it."""
+    return tsne_panels({"": points})
+
+
+def tsne_panels(panels: dict[str, pd.DataFrame]) -> alt.Chart:
+    """One t-SNE panel per model (title: the key), stacked; one legend selection drives them all (declared on
+    the first panel only, so it is one selection and not a copy per panel)."""
     pick = alt.selection_point(fields=["task"], bind="legend")
-    points = points.assign(task=task_labels(points))
-    return alt.Chart(points).mark_point(filled=True, size=30).encode(
-        x=alt.X("x:Q", title="t-SNE 1", axis=alt.Axis(labels=False, ticks=False)),
-        y=alt.Y("y:Q", title="t-SNE 2", axis=alt.Axis(labels=False, ticks=False)),
-        color=alt.Color("task:N", legend=alt.Legend(title="task (click)", columns=2, symbolLimit=40)),
-        shape=alt.Shape("category:N"),
-        opacity=alt.condition(pick, alt.value(0.85), alt.value(0.08)),
-        tooltip=["task:N", "category:N"],
-    ).add_params(pick).properties(width=360, height=360)
+    charts = []
+    for i, (title, points) in enumerate(panels.items()):
+        points = points.assign(task=task_labels(points))
+        chart = alt.Chart(points).mark_point(filled=True, size=30).encode(
+            x=alt.X("x:Q", title="t-SNE 1", axis=alt.Axis(labels=False, ticks=False)),
+            y=alt.Y("y:Q", title="t-SNE 2", axis=alt.Axis(labels=False, ticks=False)),
+            color=alt.Color("task:N", legend=alt.Legend(title="task (click)", columns=2, symbolLimit=40)),
+            shape=alt.Shape("category:N"),
+            opacity=alt.condition(pick, alt.value(0.85), alt.value(0.08)),
+            tooltip=["task:N", "category:N"],
+        ).properties(width=360, height=360, title=title)
+        charts.append(chart.add_params(pick) if i == 0 else chart)
+    return charts[0] if len(charts) == 1 else alt.vconcat(*charts)
 
 
 def distance_histogram(distances: pd.DataFrame, bins: int = 40) -> alt.Chart:
@@ -162,7 +174,7 @@ def distance_histogram(distances: pd.DataFrame, bins: int = 40) -> alt.Chart:
     data = pd.DataFrame(rows)
     chart = alt.Chart(data).mark_bar(opacity=0.6, binSpacing=0).encode(
         x=alt.X("start:Q", title="cosine distance between two task vectors"), x2="end:Q",
-        y=alt.Y("fraction:Q", title="fraction of pairs", stack=None),
+        y=alt.Y("fraction:Q", title="fraction of pairs", stack=None), y2=alt.datum(0),
         color=alt.Color("pair:N", scale=alt.Scale(domain=["within", "between"], range=["#4c78a8", "#f58518"]),
                         legend=alt.Legend(title="pair of vectors from", orient="top")),
         tooltip=["model:N", "pair:N", alt.Tooltip("start:Q", format=".3f"), alt.Tooltip("end:Q", format=".3f"),
