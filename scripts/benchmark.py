@@ -111,9 +111,12 @@ def main() -> None:
     rss = peak_rss_gb()
     print(f"peak RSS: {rss:.2f} GB")
     full = run_s * 18 / len(tasks)
-    print(f"\ntarget: 18 tasks < {TARGET_SECONDS} s -> {'projected ' if len(tasks) != 18 else ''}{full:.0f} s "
-          f"({'met' if full <= TARGET_SECONDS else 'MISSED'}); peak RSS < {TARGET_RSS_GB} GB -> "
-          f"{'met' if rss <= TARGET_RSS_GB else 'MISSED'}")
+    if args.remote:  # the targets are for this machine's own compute; remotely the server's time counts
+        print(f"\nserver: {run_s / len(tasks):.1f} s per task, {USAGE.total('requests') / len(tasks):.1f} requests per task")
+    else:
+        print(f"\ntarget: 18 tasks <= {TARGET_SECONDS} s -> {'projected ' if len(tasks) != 18 else ''}{full:.0f} s "
+              f"({'met' if full <= TARGET_SECONDS else 'MISSED'}); peak RSS < {TARGET_RSS_GB} GB -> "
+              f"{'met' if rss <= TARGET_RSS_GB else 'MISSED'}")
     print("mean accuracy:", result.summary().round(3).to_dict())
     columns = ["task", "condition", "prompt", "token_id", "correct"]
     if args.save_dir:
