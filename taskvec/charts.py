@@ -58,9 +58,10 @@ def finding_layer(curves: pd.DataFrame) -> alt.Chart:
 def accuracy_bars(intervals: pd.DataFrame) -> alt.Chart:
     """Fig. 2: Baseline / Hypothesis / Regular accuracy per task with 95% Wilson intervals (black
     rules), one panel per model; ``intervals`` is :func:`taskvec.sections.intervals`."""
-    data = intervals.assign(task=task_labels(intervals),
+    tasks = list(dict.fromkeys(intervals["task"]))
+    data = intervals.assign(task=task_labels(intervals), order=intervals["task"].map(tasks.index),
                             condition=intervals["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
-    order = list(dict.fromkeys(data["task"]))
+    order = alt.EncodingSortField(field="order", op="min")  # the tasks' order, whatever their label per model
     conditions = list(CONDITION_NAMES.values())
     pick = alt.selection_point(fields=["condition"], bind="legend")
     base = alt.Chart().encode(
