@@ -19,6 +19,10 @@ from .errors import SettingError
 from .tasks import Example, Task
 
 
+class TooFewExamples(SettingError):
+    """A task (after filtering and exclusions) has fewer distinct examples than one prompt needs."""
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """How one demonstration is written; the paper's default is ``example:{x}->{y}``, one per line.
@@ -119,7 +123,7 @@ def sample_prompts(task: Task, n: int, n_shots: int = 5, seed: int = 41, split: 
     """
     need = n_shots + 1 + n_dummies
     if len(task.examples) < need:
-        raise SettingError(f"task {task.name!r} has {len(task.examples)} examples; a prompt needs {need}")
+        raise TooFewExamples(f"task {task.name!r} has {len(task.examples)} examples; a prompt needs {need}")
     if exclude is not None and len(exclude) != n:
         raise ValueError(f"exclude needs one set of inputs per prompt ({n}), got {len(exclude)}")
     rng = _rng(seed, task.name, split)
@@ -130,7 +134,7 @@ def sample_prompts(task: Task, n: int, n_shots: int = 5, seed: int = 41, split: 
             banned = set(exclude[i])
             pool = [e for e in task.examples if e.input not in banned]
             if len(pool) < need:
-                raise SettingError(f"task {task.name!r}: prompt {i} needs {need} examples, "
+                raise TooFewExamples(f"task {task.name!r}: prompt {i} needs {need} examples, "
                                    f"{len(pool)} are left after excluding {sorted(banned)}")
         picked = rng.sample(pool, need)
         prompts.append(FewShotPrompt(task.name, tuple(picked[:n_shots]), picked[n_shots], tuple(picked[n_shots + 1:])))

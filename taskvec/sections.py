@@ -21,6 +21,7 @@ from . import analysis, stats
 from .errors import SettingError
 from .experiment import MainResult, Protocol, main_keys, run_main_experiment
 from .models import TaskModel, load_model, placement
+from .prompts import TooFewExamples
 from .remote import is_remote
 from .remote import setting as remote_setting
 from .store import ANALYSIS_MODULES, Store, make_key, model_fingerprint
@@ -251,7 +252,7 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
             try:
                 out = analysis.conflicting_tasks(model(name, remote, protocol.dtype), task_a, task_b, protocol,
                                                  n_prompts, n_shots, n_dev)
-            except SettingError as error:  # too few shared examples for this tokenizer: raised before compute
+            except TooFewExamples as error:  # too few shared examples for this tokenizer: raised before compute
                 skipped.append({"task_a": a_name, "task_b": b_name, "reason": str(error)})
                 continue
 
