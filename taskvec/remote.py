@@ -33,8 +33,11 @@ BACKOFF_S = 2.0
 #: (``TASKVEC_NDIF_TIMEOUT`` overrides it). A request that runs out is not retried: the server may
 #: still be working on it; finished tasks stay cached, and a rerun resumes after them.
 TIMEOUT_S = float(os.environ.get("TASKVEC_NDIF_TIMEOUT", "1800"))
-#: Seconds between two status polls of a submitted request.
+#: Seconds between two status polls of a submitted request: POLL_S at first, growing by half each
+#: time up to POLL_MAX_S, so a short request is collected at once and a long one in the server's
+#: queue is not polled four times a second.
 POLL_S = 0.25
+POLL_MAX_S = 5.0
 
 T = TypeVar("T")
 
@@ -131,11 +134,13 @@ def wait(job, timeout: float | None = None, poll: float | None = None,
          clock=time.monotonic, sleep=time.sleep) -> dict:
     """The saved values of a submitted request (``job`` from :func:`backend`), polled until done.
 
+    ``poll`` fixes the seconds between polls (default: from :data:`POLL_S`, growing to :data:`POLL_MAX_S`).
     Raises nnsight's ``RemoteError`` when the job fails on the server, and :class:`RequestTimeout`
     when it has not finished ``timeout`` seconds (default :data:`TIMEOUT_S`) after this call.
     """
     limit = TIMEOUT_S if timeout is None else timeout
     deadline = clock() + limit
+    interval = POLL_S if poll is None else poll
     while True:
         result = job()
         if result is not None:
@@ -143,7 +148,9 @@ def wait(job, timeout: float | None = None, poll: float | None = None,
         if clock() >= deadline:
             status = getattr(job.status, "name", job.status) or "not yet queued"
             raise RequestTimeout(f"no result within {limit:g} s (job {job.job_id}, last status {status})")
-        sleep(POLL_S if poll is None else poll)
+        sleep(interval)
+        if poll is None:
+            interval = min(interval * 1.5, POLL_MAX_S)
 
 
 @contextlib.contextmanager

@@ -193,3 +193,15 @@ def test_a_timeout_is_named_and_not_retried(monkeypatch):
             remote.RemoteRunError, match=r"to http://h:1 timed out \(model m, task t1, phase sweep\)"):
         remote.call(slow, "http://h:1", "m", sleep=lambda s: None)
     assert tries == [1]
+
+
+def test_polling_backs_off_up_to_its_ceiling():
+    now, waits = [0.0], []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        now[0] += seconds
+
+    remote.wait(_Job(12), timeout=1000, clock=lambda: now[0], sleep=sleep)
+    assert waits[0] == remote.POLL_S and all(b >= a for a, b in zip(waits, waits[1:]))
+    assert max(waits) == remote.POLL_MAX_S
