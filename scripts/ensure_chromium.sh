@@ -1,6 +1,7 @@
 #!/bin/sh
-# Make sure Debian's chromium is installed, for the book's browser checks (taskvec.book.render_check,
-# tests/test_book_offline.py, tests/test_book.py). Idempotent: does nothing when the browser exists.
+# Make sure Debian's chromium is installed, for the book's browser checks (tests/browser.py drives it
+# with Playwright, for tests/test_book_offline.py and tests/test_book.py). Idempotent: does nothing when
+# the browser exists.
 # Installs it only as root with apt-get (the apt mirrors are reachable).
 # When it cannot: on CI (CI set, and not false/0/no) it exits 1, because there the browser tests fail
 # rather than skip (tests/browser.py); elsewhere it says in one line that the browser checks will be

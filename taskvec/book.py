@@ -35,14 +35,12 @@ Three things would otherwise reach the network when a reader opens a page:
   ``_static``; launch buttons, Thebe, comments, analytics and repository buttons are off in
   ``_config.yml``. :func:`check_offline` verifies the result statically.
 
-:func:`render_check` then opens a page the way a reader would: Debian's headless Chromium,
-inside ``unshare -n`` (a network namespace with no interface up), driven through the Chrome
-DevTools protocol over ``--remote-debugging-pipe`` (no websocket, no port, no extra Python
-package). It counts chart containers and rendered charts and lists every request the page
-tried to make outside ``file:``/localhost. One browser launch serves both: the live page is
-polled until its charts are drawn (rather than ``--dump-dom --virtual-time-budget``, which can
-not also report requests), and ``Network.requestWillBeSent`` records every attempt, even those
-the cut network then refuses.
+The browser checks are not part of this module: they check the product, they are not the
+product. ``tests/browser.py`` opens every built page in Debian's headless Chromium driven by
+Playwright (a route aborts and records every request that is not ``file:``/``data:``/``blob:``,
+``pageerror`` catches exceptions), counts chart containers and drawn charts, hovers a data mark for
+its tooltip, clicks every legend bound to a selection, and saves a full-page screenshot of each page
+under the build folder (``tests/test_book.py``, ``tests/test_book_offline.py``).
 """
 
 from __future__ import annotations
@@ -50,24 +48,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import urlsplit
 
 VEGA_JS = "vega-offline.js"
-# Debian's chromium (scripts/ensure_chromium.sh); TASKVEC_CHROMIUM points elsewhere (a missing path skips the checks).
-CHROMIUM = os.environ.get("TASKVEC_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-default-apps", "--disable-extensions", "--mute-audio", "--window-size=1280,1000",
-]
 
 
 class BookBuildError(RuntimeError):
@@ -379,251 +367,3 @@ def check_offline(html_dir: Path) -> list[str]:
         for what, url in dict.fromkeys(found):
             problems.append(f"{rel}: {what} {url}")
     return problems
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering in a browser
-
-_CHART_STATE_JS = r"""
-(() => {
-  const all = [...new Set(document.querySelectorAll('div[id^="altair-viz"], .vega-embed'))];
-  const charts = all.filter(e => !all.some(o => o !== e && o.contains(e)));
-  const rendered = charts.filter(e => e.querySelector('svg.marks, canvas.marks'));
-  const errors = charts.filter(e => e.querySelector('.error') || /Error/.test(e.textContent || ''))
-                       .map(e => (e.textContent || '').slice(0, 300));
-  return JSON.stringify({
-    ready: document.readyState, charts: charts.length, rendered: rendered.length, errors,
-    marks: rendered.map(e => e.querySelectorAll('.role-mark > *').length),
-    versions: {vega: window.vega && window.vega.version, vegaLite: window.vegaLite && window.vegaLite.version,
-               vegaEmbed: window.vegaEmbed && window.vegaEmbed.version},
-    vega_debug: (typeof VEGA_DEBUG == "undefined") ? null : VEGA_DEBUG,
-  });
-})()
-"""
-
-# Centre of the first visible data mark of the first rendered SVG chart (for the tooltip probe).
-_FIRST_MARK_JS = r"""
-(() => {
-  const svg = document.querySelector('.vega-embed svg.marks');
-  if (!svg) return null;
-  for (const el of svg.querySelectorAll('.role-mark > path, .role-mark > rect, .role-mark > circle')) {
-    el.scrollIntoView({block: 'center'});
-    const r = el.getBoundingClientRect();
-    if (r.width > 0 && r.height > 0) return JSON.stringify({x: r.x + r.width / 2, y: r.y + r.height / 2});
-  }
-  return null;
-})()
-"""
-_TOOLTIP_JS = r"""
-(() => { const t = document.getElementById('vg-tooltip-element');
-         return JSON.stringify(t && t.classList.contains('visible') ? t.textContent : null); })()
-"""
-
-_LOCAL_SCHEMES = {"file", "data", "blob", "about", "chrome", "chrome-extension", "devtools", "javascript"}
-_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
-
-
-def _is_outside(url: str) -> bool:
-    parts = urlsplit(url)
-    if parts.scheme.lower() in _LOCAL_SCHEMES:
-        return False
-    return (parts.hostname or "").lower() not in _LOCAL_HOSTS
-
-
-def network_cut_available() -> bool:
-    """Whether ``unshare -n`` works here (needs root or user namespaces)."""
-    if not shutil.which("unshare"):
-        return False
-    try:
-        return subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-class _Cdp:
-    """Chrome DevTools protocol over the --remote-debugging-pipe file descriptors (3: in, 4: out)."""
-
-    def __init__(self, write_fd: int, read_fd: int):
-        self.w, self.r = write_fd, read_fd
-        self.buf = b""
-        self.next_id = 0
-        self.events: list[dict] = []
-
-    def _read_message(self, deadline: float) -> dict:
-        while b"\0" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no answer from chromium over the DevTools pipe")
-            ready, _, _ = select.select([self.r], [], [], left)
-            if ready:
-                chunk = os.read(self.r, 1 << 20)
-                if not chunk:
-                    raise ConnectionError("chromium closed the DevTools pipe")
-                self.buf += chunk
-        raw, self.buf = self.buf.split(b"\0", 1)
-        return json.loads(raw)
-
-    def pump(self, seconds: float) -> None:
-        """Collect events for ``seconds``."""
-        deadline = time.monotonic() + seconds
-        try:
-            while True:
-                self.events.append(self._read_message(deadline))
-        except TimeoutError:
-            pass
-
-    def call(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout: float = 30.0) -> dict:
-        self.next_id += 1
-        msg = {"id": self.next_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self.w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._read_message(deadline)
-            if reply.get("id") == self.next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-            self.events.append(reply)
-
-    def evaluate(self, expression: str, session: str):
-        res = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
-        value = res.get("result", {}).get("value")
-        return json.loads(value) if isinstance(value, str) else value
-
-
-def render_check(html_file: Path, timeout_s: float = 60, settle_s: float = 1.0, tooltip: bool = True,
-                 cut_network: bool = True) -> dict:
-    """Open ``html_file`` in headless Chromium with the network cut and report what a reader sees.
-
-    Chromium (``/usr/bin/chromium``) runs under ``unshare -n`` and is driven over the DevTools
-    protocol on ``--remote-debugging-pipe``. Network events are enabled on a blank tab before
-    navigating, so every request is seen (``Network.requestWillBeSent`` fires before the network
-    is tried, so a cut network still shows attempts). After the load event the page is polled
-    until every chart container (``div[id^=altair-viz]`` / ``.vega-embed``, outermost only) holds
-    vega's rendered ``svg.marks`` or ``canvas.marks``, or shows an error, or ``timeout_s``
-    passes; then ``settle_s`` more seconds of events are collected. With ``tooltip``, the mouse
-    is moved over the first data mark and the vega-tooltip element is read.
-
-    Returns a dict: ``charts``, ``rendered``, ``errors`` (chart error texts), ``marks`` (per
-    rendered chart), ``outside_requests`` (URLs not file:/data:/localhost), ``failed_requests``
-    ({url: error}), ``requests`` (count of all), ``console_errors``, ``exceptions``,
-    ``versions`` (vega libs as loaded), ``tooltip`` (its text, or None), ``network_cut``, ``seconds``.
-    """
-    html_file = Path(html_file).resolve()
-    if not Path(CHROMIUM).exists():
-        raise FileNotFoundError(f"{CHROMIUM} not found (scripts/ensure_chromium.sh installs it)")
-    if not html_file.is_file():
-        raise FileNotFoundError(html_file)
-    t0 = time.monotonic()
-    network_cut = cut_network and network_cut_available()
-    profile = tempfile.mkdtemp(prefix="taskvec-chromium-")
-    cmd = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe"]
-    if network_cut:
-        cmd = ["unshare", "-n", "--", *cmd]
-    to_child_r, to_child_w = os.pipe()
-    from_child_r, from_child_w = os.pipe()
-
-    def _child_fds():  # runs in the child before exec: the pipe ends become fds 3 and 4
-        a, b = os.dup(to_child_r), os.dup(from_child_w)
-        os.dup2(a, 3)  # dup2 clears close-on-exec, so exactly these two survive the exec
-        os.dup2(b, 4)
-
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=False,
-                            preexec_fn=_child_fds)
-    os.close(to_child_r)
-    os.close(from_child_w)
-    cdp = _Cdp(to_child_w, from_child_r)
-    result: dict = {"file": str(html_file), "network_cut": network_cut}
-    try:
-        target = cdp.call("Target.createTarget", {"url": "about:blank"}, timeout=30)["targetId"]
-        session = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Network", "Page", "Runtime", "Log"):
-            cdp.call(f"{domain}.enable", session=session)
-        n_before = len(cdp.events)
-        cdp.call("Page.navigate", {"url": html_file.as_uri()}, session=session)
-        deadline = t0 + timeout_s
-        state: dict = {}
-        while time.monotonic() < deadline:
-            cdp.pump(0.25)
-            if not any(ev.get("method") == "Page.loadEventFired" for ev in cdp.events[n_before:]):
-                continue
-            try:
-                state = cdp.evaluate(_CHART_STATE_JS, session) or {}
-            except RuntimeError:  # e.g. the page's context was replaced meanwhile: ask again
-                continue
-            if (state.get("ready") == "complete"
-                    and state.get("rendered", 0) + len(state.get("errors", [])) >= state.get("charts", 0)):
-                break
-        result["timed_out"] = time.monotonic() >= deadline
-        cdp.pump(settle_s)
-        result["tooltip"] = None
-        if tooltip and state.get("rendered"):
-            point = cdp.evaluate(_FIRST_MARK_JS, session)
-            if point:
-                for dx in (0, 1):  # a second move makes sure vega sees a pointer *move* onto the mark
-                    cdp.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": point["x"] + dx,
-                                                          "y": point["y"]}, session)
-                for _ in range(20):
-                    cdp.pump(0.1)
-                    result["tooltip"] = cdp.evaluate(_TOOLTIP_JS, session)
-                    if result["tooltip"]:
-                        break
-        state = cdp.evaluate(_CHART_STATE_JS, session) or state
-        result.update({k: state.get(k) for k in ("charts", "rendered", "errors", "marks", "versions", "vega_debug")})
-    except (OSError, TimeoutError, RuntimeError) as exc:
-        failure = exc
-    else:
-        failure = None
-    finally:
-        try:
-            cdp.call("Browser.close", timeout=5)
-        except Exception:  # noqa: BLE001 - best effort, killed below anyway
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        os.close(to_child_w)
-        os.close(from_child_r)
-        shutil.rmtree(profile, ignore_errors=True)
-        log.seek(0)
-        browser_log = log.read().decode(errors="replace")
-        log.close()
-    if failure is not None:
-        raise RuntimeError(f"render_check of {html_file} failed: {failure!r}\n"
-                           f"command: {' '.join(cmd)}\n--- browser output ---\n{browser_log[-3000:]}") from failure
-    requests, failed = [], {}
-    console_errors, exceptions = [], []
-    for ev in cdp.events:
-        method, params = ev.get("method"), ev.get("params", {})
-        if method == "Network.requestWillBeSent":
-            requests.append((params.get("requestId"), params.get("request", {}).get("url", "")))
-        elif method == "Network.webSocketCreated":
-            requests.append((params.get("requestId"), params.get("url", "")))
-        elif method == "Network.loadingFailed":
-            failed[params.get("requestId")] = params.get("errorText", "")
-        elif method == "Runtime.exceptionThrown":
-            d = params.get("exceptionDetails", {})
-            exceptions.append((d.get("exception", {}) or {}).get("description") or d.get("text", ""))
-        elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
-            console_errors.append(" ".join(str(a.get("value", a.get("description", "")))
-                                           for a in params.get("args", [])))
-        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-            e = params["entry"]
-            console_errors.append(f"{e.get('text', '')} {e.get('url', '')}".strip())
-    result.update({
-        "requests": len(requests),
-        "outside_requests": list(dict.fromkeys(u for _, u in requests if _is_outside(u))),
-        "failed_requests": {u: failed[rid] for rid, u in requests if rid in failed},
-        "console_errors": console_errors,
-        "exceptions": exceptions,
-        "seconds": round(time.monotonic() - t0, 2),
-    })
-    if result.get("charts") is None:
-        result["browser_log"] = browser_log[-3000:]
-    return result

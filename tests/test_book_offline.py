@@ -1,9 +1,11 @@
 """The book reads offline: a throwaway Jupyter Book built with the real book's _config.yml.
 
 Builds (about 10 s) a book of one markdown page and one pre-executed notebook with Altair charts,
-then checks statically (taskvec.book.check_offline) and in headless Chromium with the network cut
-(taskvec.book.render_check) that every chart renders from the book's own files and that nothing
-is fetched from outside. The browser parts are skipped when /usr/bin/chromium is absent
+then checks statically (taskvec.book.check_offline) and in headless Chromium driven by Playwright
+(tests/browser.py: every request outside file:/data:/blob: recorded and aborted) that every chart
+renders from the book's own files, answers the mouse (tooltip, legend selection), and that nothing
+is fetched from outside; copies of the chart page with a planted CDN script, or planted faults, prove
+the browser check sees them. The browser parts are skipped when /usr/bin/chromium is absent
 (scripts/ensure_chromium.sh installs it), and fail instead on CI (tests/browser.py). The page also
 glues numbers into its prose, to test tests/glue_check.py on a real build.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from browser import require_chromium
+from browser import BLOCKED, WIDTH, chromium, png_size  # noqa: F401 (chromium: a fixture)
 from glue_check import check_glue, glue_roles, pasted_texts
-from taskvec.book import VEGA_JS, build_book, check_offline, render_check
+from taskvec.book import VEGA_JS, build_book, check_offline
 
 REPO = Path(__file__).resolve().parents[1]
 CDN = "https://cdn.jsdelivr.net/npm/vega@6"
@@ -34,8 +37,14 @@ df = pd.DataFrame({"layer": [1, 2, 3, 4, 5, 6], "accuracy": [0.10, 0.35, 0.80, 0
 points = alt.Chart(df).mark_point(size=300, filled=True).encode(
     x="layer:Q", y="accuracy:Q", tooltip=["layer", "accuracy", "method"])
 points'''
-SECOND_CHART_CELL = '''line = alt.Chart(df).mark_line().encode(x="layer:Q", y="accuracy:Q")
-(line + points).properties(title="θ by layer")'''
+# A legend bound to a selection, as the book's charts have: clicking "early" dims the late points.
+SECOND_CHART_CELL = '''pick = alt.selection_point(fields=["half"], bind="legend")
+halves = df.assign(half=["early"] * 3 + ["late"] * 3)
+line = alt.Chart(df).mark_line().encode(x="layer:Q", y="accuracy:Q")
+dots = alt.Chart(halves).mark_point(size=200, filled=True).encode(
+    x="layer:Q", y="accuracy:Q", color="half:N",
+    opacity=alt.condition(pick, alt.value(1.0), alt.value(0.1))).add_params(pick)
+(line + dots).properties(title="θ by layer")'''
 TABLE_CELL = '''print("θ extracted at layer", 3)
 df.head(3)'''
 # Glued values, placed by the markdown below: two numbers the page also shows elsewhere (the table
@@ -81,6 +90,8 @@ def built(tmp_path_factory):
     (root / "_toc.yml").write_text(yaml.safe_dump(
         {"format": "jb-book", "root": "book/intro", "chapters": [{"file": "book/sections/chart"}]}))
     (root / "book" / "sections").mkdir(parents=True)
+    (root / "book" / "_static").mkdir()
+    shutil.copy(REPO / "book" / "_static" / "taskvec.css", root / "book" / "_static")  # named by _config.yml
     (root / "book" / "intro.md").write_text(
         "# Intro\n\nThe task vector θ costs $5 and $6: dollars stay dollars, no math typesetting. "
         "A [link](https://arxiv.org/abs/2310.15916) to the paper is fine offline.\n")
@@ -115,29 +126,28 @@ def test_book_is_offline_statically(built):
     assert "$5 and $6" in (html / "book" / "intro.html").read_text()
 
 
-def test_charts_render_offline(built):
-    require_chromium()
+def test_charts_render_offline(built, chromium):
     html, _ = built
-    report = render_check(html / "book" / "sections" / "chart.html", timeout_s=60)
-    print(report)
-    assert report["network_cut"], "unshare -n unavailable: not a real offline check"
-    assert report["charts"] == 2
-    assert report["rendered"] == report["charts"], report
-    assert report["errors"] == [] and report["exceptions"] == [], report
-    assert report["outside_requests"] == [], report
-    assert all(n > 0 for n in report["marks"]), report
-    assert report["tooltip"] and "accuracy" in report["tooltip"], "tooltip did not show"
-    assert report["versions"]["vegaLite"] == report["vega_debug"]["vegalite_version"]
-    intro = render_check(html / "book" / "intro.html", timeout_s=60, tooltip=False)
-    assert intro["charts"] == 0 and intro["outside_requests"] == [] and intro["exceptions"] == [], intro
+    shots = html.parent / "screenshots"
+    report = chromium.render_check(html / "book" / "sections" / "chart.html", timeout_s=60,
+                                   screenshot=shots / "book__sections__chart.png")
+    print(report.summary())
+    assert report.faults() == [], report.summary()
+    assert report.charts == report.rendered == 2, report.summary()
+    assert all(n > 0 for n in report.marks), report.summary()
+    assert report.tooltip and "accuracy" in report.tooltip, f"tooltip did not show: {report.summary()}"
+    assert report.selections == {"chart 1: half_legend_symbols": True}, report.summary()
+    assert report.versions["vegaLite"] == report.vega_debug["vegalite_version"], report.summary()
+    assert any(f"/_static/{VEGA_JS}" in u for u in report.requests), report.requests  # the local bundle
+    assert png_size(report.screenshot)[0] == WIDTH and report.screenshot.stat().st_size > 5000, report.screenshot
+    intro = chromium.render_check(html / "book" / "intro.html", timeout_s=60, screenshot=shots / "book__intro.png")
+    assert intro.faults() == [] and intro.charts == 0, intro.summary()
 
 
 @pytest.fixture(scope="module")
 def cdn_page(built, tmp_path_factory):
     """A copy of the built site whose chart page also pulls a script from a CDN."""
     html, _ = built
-    import shutil
-
     site = tmp_path_factory.mktemp("cdn") / "html"
     shutil.copytree(html, site)
     page = site / "book" / "sections" / "chart.html"
@@ -152,12 +162,39 @@ def test_check_offline_reports_cdn_script(cdn_page):
     assert len(problems) == 1 and CDN in problems[0] and "book/sections/chart.html" in problems[0], problems
 
 
-def test_render_check_reports_cdn_request(cdn_page):
-    require_chromium()
+def test_render_check_reports_cdn_request(cdn_page, chromium):
+    """The CDN script is requested, recorded and aborted (never fetched); the rest of the page is fine."""
     _, page = cdn_page
-    report = render_check(page, timeout_s=30, tooltip=False)
-    assert CDN in report["outside_requests"], report
-    assert report["rendered"] == report["charts"] == 2  # the local bundle still draws the charts
+    report = chromium.render_check(page, timeout_s=30)
+    assert report.outside_requests == [CDN], report.summary()
+    assert report.aborted == [CDN], report.summary()
+    assert report.failed_requests.get(CDN, "").startswith(BLOCKED), report.failed_requests
+    assert f"outside request: {CDN}" in report.faults(), report.summary()
+    assert not [f for f in report.faults() if "NOT aborted" in f or "chart" in f or "JS exception" in f], \
+        report.summary()
+    assert report.rendered == report.charts == 2, report.summary()  # the local bundle still draws the charts
+
+
+def test_render_check_reports_planted_faults(built, chromium, tmp_path):
+    """A copy of the chart page with an exception, a chart container nothing draws, and charts the mouse
+    cannot reach: each one is a fault of the report, so a passing page means none of these happened."""
+    html, _ = built
+    site = tmp_path / "html"
+    shutil.copytree(html, site)
+    page = site / "book" / "sections" / "chart.html"
+    text = page.read_text()
+    planted = ('<style>.vega-embed svg { pointer-events: none !important; }</style>\n'
+               '<script>window.addEventListener("load", () => { throw new Error("planted failure"); });</script>\n')
+    text = text.replace("</head>", planted + "</head>", 1)
+    text = text.replace('<div id="altair-viz-', '<div id="altair-viz-planted"></div>\n<div id="altair-viz-', 1)
+    page.write_text(text)
+    report = chromium.render_check(page, timeout_s=10)
+    faults = "\n".join(report.faults())
+    for expected in ["JS exception: Error: planted failure", "only 2 of 3 charts drawn",
+                     "timed out waiting for every chart drawn", "no tooltip with the mouse on a data mark",
+                     "legend selection did not change the marks (chart 2: half_legend_symbols)"]:
+        assert expected in faults, f"{expected!r} not reported:\n{report.summary()}"
+    assert report.outside_requests == [], report.summary()
 
 
 def test_check_offline_catches_each_kind(tmp_path):
