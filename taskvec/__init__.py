@@ -10,6 +10,6 @@ from .experiment import MainResult, PromptSet, Protocol, run_main_experiment, ru
 from .mechanism import hidden_states, next_tokens, patched_next_tokens, task_vectors
 from .models import EMBEDDED, TaskModel, UnknownModelError, load_model, wrap
 from .prompts import FewShotPrompt, PromptFormat, read_jsonl, sample_prompts, sample_queries, write_jsonl
-from .tasks import Example, Task, TaskFileError, UnknownTaskError, list_tasks, load_task, load_tasks
+from .tasks import Example, Task, TaskFileError, UnknownTaskError, all_tasks, list_tasks, load_task, load_tasks
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ read after the key path: "must ..." ones as a sentence (``profiles.p.models must
 after a colon (``profiles.p.tasks: unknown task(s) antonym``).
 
 Names that live elsewhere are read when a file is validated, not when this module is imported: task
-names (:func:`taskvec.tasks.list_tasks`, which follows ``TASKVEC_TASKS``), and the section notebooks and
+names (:func:`taskvec.tasks.all_tasks`, which follows ``TASKVEC_TASKS``), and the section notebooks and
 the parameters every notebook shares (``taskvec.runner.NOTEBOOKS`` and ``COMMON``; the runner imports
 this module).
 """
@@ -130,9 +130,9 @@ ProtocolSpec = _protocol_model()
 # --- a profile --------------------------------------------------------------------------------------------
 
 def _known_tasks(tasks: list[str]) -> list[str]:
-    from .tasks import list_tasks
+    from .tasks import all_tasks
 
-    known = set(list_tasks())
+    known = set(all_tasks())
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise _error("unknown_tasks", "unknown task(s) {unknown}", unknown=", ".join(unknown))

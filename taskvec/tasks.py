@@ -20,7 +20,11 @@ from typing import Any, Iterable, Sequence
 
 from .errors import TaskvecError
 
-CATEGORIES = ("algorithmic", "translation", "linguistic", "knowledge")
+#: The paper's four categories, then ``sequence``: tasks whose answers are several tokens by nature (not
+#: in the paper; the "Beyond one token" section uses them). ``list_tasks``/``load_tasks()`` default to
+#: the paper's categories, so "all tasks" keeps meaning the paper's 18.
+PAPER_CATEGORIES = ("algorithmic", "translation", "linguistic", "knowledge")
+CATEGORIES = PAPER_CATEGORIES + ("sequence",)
 COMPARE_RULES = ("exact", "prefix")
 REQUIRED_KEYS = ("name", "category", "description", "compare")
 #: Fewest examples a task needs: 5 demonstrations + query + 2 dummy queries, with room to vary.
@@ -109,7 +113,9 @@ def _gen_to_lower(params: dict) -> list[Example]:
     return [Example(c.upper(), (c,)) for c in _letters(params)]
 
 
-def _gen_list(pick: int):
+def _gen_list(answer):
+    """Lists of distinct letters; ``answer(items, separator)`` is the output."""
+
     def generate(params: dict) -> list[Example]:
         alphabet = _letters(params)
         lo, hi = int(params["min_len"]), int(params["max_len"])
@@ -122,7 +128,7 @@ def _gen_list(pick: int):
             # Distinct letters, so first and last always differ (the conflicting-task pair needs that).
             items = rng.sample(alphabet, rng.randint(lo, hi))
             text = sep.join(items)
-            seen.setdefault(text, Example(text, (items[pick],)))
+            seen.setdefault(text, Example(text, (answer(items, sep),)))
         return list(seen.values())
 
     return generate
@@ -133,8 +139,9 @@ GENERATORS = {
     "prev_letter": _gen_prev_letter,
     "to_upper": _gen_to_upper,
     "to_lower": _gen_to_lower,
-    "list_first": _gen_list(0),
-    "list_last": _gen_list(-1),
+    "list_first": _gen_list(lambda items, sep: items[0]),
+    "list_last": _gen_list(lambda items, sep: items[-1]),
+    "list_reverse": _gen_list(lambda items, sep: sep.join(reversed(items))),
 }
 
 
@@ -236,8 +243,13 @@ def task_files(root: Path | None = None) -> dict[str, Path]:
     return found
 
 
-def list_tasks(root: Path | None = None) -> list[str]:
-    """All task names, ordered by category then name (the paper's table order by category)."""
+def list_tasks(root: Path | None = None, categories: Sequence[str] = PAPER_CATEGORIES) -> list[str]:
+    """Task names of ``categories`` (default: the paper's 18), ordered by category then name."""
+    return [name for name, path in task_files(root).items() if path.parent.name in categories]
+
+
+def all_tasks(root: Path | None = None) -> list[str]:
+    """Every task name, the sequence tasks included."""
     return list(task_files(root))
 
 
@@ -255,9 +267,9 @@ def load_task(name: str, root: Path | None = None) -> Task:
 
 
 def load_tasks(names: Sequence[str] | None = None, root: Path | None = None) -> list[Task]:
-    """Load ``names`` (all tasks when ``None``); every name is checked before any file is read."""
+    """Load ``names`` (the paper's tasks when ``None``); every name is checked before any file is read."""
     files = task_files(root)
-    names = list(files) if names is None else list(names)
+    names = list_tasks(root) if names is None else list(names)
     unknown = [n for n in names if n not in files]
     if unknown:
         raise UnknownTaskError(f"unknown task(s) {', '.join(map(repr, unknown))}; available: {', '.join(files)}")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from taskvec.tasks import (CATEGORIES, Example, Task, TaskFileError, UnknownTaskError, list_tasks, load_task,
-                           load_task_file, load_tasks, task_files)
+from taskvec.tasks import (PAPER_CATEGORIES, Example, Task, TaskFileError, UnknownTaskError, all_tasks, list_tasks,
+                           load_task, load_task_file, load_tasks, task_files)
 
 PAPER_TASKS = {
     "algorithmic": {"next_letter", "prev_letter", "list_first", "list_last", "to_upper", "to_lower"},
@@ -21,7 +21,7 @@ PAPER_TASKS = {
 def test_the_paper_s_18_tasks_are_shipped():
     tasks = load_tasks()
     assert len(tasks) == 18
-    by_category = {c: {t.name for t in tasks if t.category == c} for c in CATEGORIES}
+    by_category = {c: {t.name for t in tasks if t.category == c} for c in PAPER_CATEGORIES}
     assert by_category == PAPER_TASKS
     for task in tasks:
         assert task.compare == ("prefix" if task.category == "knowledge" else "exact")
@@ -121,10 +121,16 @@ def test_folder_of_tasks_is_discovered(tmp_path):
     assert len(load_task("mini", tmp_path)) == 12
 
 
+def test_all_tasks_means_the_paper_s_and_the_sequence_tasks_are_named_explicitly():
+    assert all_tasks() == list_tasks() + ["list_reverse", "spell_word"]
+    assert [t.name for t in load_tasks()] == list_tasks()
+    assert [t.category for t in load_tasks(["spell_word", "list_reverse"])] == ["sequence", "sequence"]
+
+
 def test_tasks_readme_lists_every_task_with_its_size():
     readme = (Path(__file__).parent.parent / "tasks" / "README.md").read_text()
-    for task in load_tasks():
-        row = next((line for line in readme.splitlines() if f"`{task.name}`" in line), None)
+    for task in load_tasks(all_tasks()):
+        row = next((line for line in readme.splitlines() if line.startswith("|") and f"`{task.name}`" in line), None)
         assert row is not None, f"{task.name} missing from tasks/README.md"
         assert f"| {len(task)} |" in row, f"tasks/README.md has a stale size for {task.name}"
 
