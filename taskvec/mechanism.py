@@ -238,6 +238,28 @@ def _prefix_session(model: TaskModel, payloads: Sequence[tuple]) -> list:
     return remote.wait(job)["values"] if job is not None else values
 
 
+def _generate_session(model: TaskModel, payloads: Sequence[tuple]) -> list:
+    """Payloads ``(inputs, layer, theta, max_new_tokens, stop_ids)``: one greedy ``generate`` trace each.
+
+    With ``theta`` (rows, d_model), the residual stream after ``layer`` at each row's last prompt token
+    is overwritten in the first forward only (the prompt's); the patched position then stays in the
+    key/value cache for every later token. Returns the generated ids, (rows, <= max_new_tokens).
+    """
+    layer_modules = model.arch.layer_modules(model.nn)
+    pad = model.tokenizer.pad_token_id
+    job = remote.backend(model.nn, model.remote)
+    with model.nn.session(backend=job, remote=model.remote):
+        values = nnsight.save([])
+        for inputs, layer, theta, max_new_tokens, stop_ids in payloads:
+            width = inputs["input_ids"].shape[1]
+            with model.nn.generate(inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad) as tracer:
+                if theta is not None:
+                    for step in tracer.iter[0]:
+                        residual(layer_modules[layer].output)[:, -1, :] = theta
+                values.append(tracer.result[:, width:])
+    return remote.wait(job)["values"] if job is not None else values
+
+
 # --- key/value caches -------------------------------------------------------------------------
 
 def select_rows(cache, rows: torch.Tensor):
@@ -462,6 +484,73 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
         for row, (li, i) in enumerate(jobs):
             result[li, i] = value[row]
     return result
+
+
+_STOP_IDS: dict[tuple[int, str], list[int]] = {}
+
+
+def stop_token_ids(model: TaskModel, stop: str = "\n") -> list[int]:
+    """Every token id whose text contains ``stop`` (a newline may come merged with other characters),
+    and the end-of-sequence token: what ends a generated answer. Computed once per tokenizer."""
+    tok = model.tokenizer
+    key = (id(tok), stop)
+    if key not in _STOP_IDS:
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        ids = {i for i, text in enumerate(texts) if stop in text}
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        if not ids:
+            raise ValueError(f"no token of this tokenizer contains the stop string {stop!r}")
+        _STOP_IDS[key] = sorted(ids)
+    return _STOP_IDS[key]
+
+
+@torch.no_grad()
+def generate(model: TaskModel, texts: Sequence[str], max_new_tokens: int, vectors: torch.Tensor | None = None,
+             layer: int | None = None, stop: str = "\n", batch_size: int = 64, phase: str = "generate") -> list[list[int]]:
+    """Greedy continuation of each text: at most ``max_new_tokens`` token ids, ending with the first
+    token that contains ``stop`` (kept, so a merged token's text is not lost) or at the limit.
+
+    With ``vectors`` (n_texts, d_model) and ``layer``: θ patched after ``layer`` at each text's last
+    token (Hypothesis), in the prompt's forward only; the patched position stays in the key/value cache,
+    so every later token attends to it. Batches are left padded (positions from the attention mask),
+    so a batch gives the answers of its texts run one by one.
+    """
+    n = len(texts)
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if (vectors is None) != (layer is None):
+        raise ValueError("give both vectors and layer (Hypothesis), or neither (Regular, Baseline)")
+    if vectors is not None:
+        if vectors.dim() != 2 or vectors.shape != (n, model.d_model):
+            raise ValueError(f"vectors must be (n_texts={n}, d_model={model.d_model}), got {tuple(vectors.shape)}")
+        if not 0 <= int(layer) < model.n_layers:
+            raise ValueError(f"layer {layer} out of range for a model with {model.n_layers} layers")
+    stop_ids = stop_token_ids(model, stop)
+    if remote.is_remote(model.remote) and vectors is not None:  # the θ rows of a batch travel with the request
+        batch_size = max(1, min(batch_size, REQUEST_BYTES // 2 // (4 * model.d_model)))
+    index = list(_length_batches(model, texts, batch_size))
+    units = []
+    for rows in index:
+        enc = encode(model, [texts[i] for i in rows])
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        theta = None if vectors is None else _placed(model, vectors[rows])
+        sent = _sent_bytes(inputs) + (0 if theta is None else int(theta.numel()) * 4)
+        units.append(_Unit((inputs, layer, theta, int(max_new_tokens), stop_ids), len(rows) * max_new_tokens * 8,
+                           sent, 1, len(rows), int(enc["attention_mask"].sum()) + len(rows) * (max_new_tokens - 1),
+                           len(rows) * max_new_tokens))
+    values = _requests(model, phase, units, _generate_session)
+    stops = set(stop_ids)
+    out: list[list[int]] = [[] for _ in range(n)]
+    for rows, value in zip(index, values):
+        for r, i in enumerate(rows):
+            ids = []
+            for token in value[r].tolist():
+                ids.append(int(token))
+                if token in stops:
+                    break
+            out[i] = ids
+    return out
 
 
 @torch.no_grad()

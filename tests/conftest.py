@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, processors
+from tokenizers import Tokenizer, decoders, models, processors
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
@@ -28,6 +28,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    core.decoder = decoders.Fuse()  # decode joins characters as they are (no space between tokens)
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
