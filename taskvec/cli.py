@@ -1,4 +1,4 @@
-"""Command line: ``python -m taskvec {main,tasks,prompts}``.
+"""Command line: ``python -m taskvec {main,tasks,prompts}`` (``book``: see taskvec.runner).
 
 Every argument (model name, task names, sizes, prompt file) is checked before a
 model loads, so a typo fails in a second rather than after minutes of compute.
@@ -70,6 +70,8 @@ def cmd_main(ns: argparse.Namespace) -> int:
     protocol = _protocol(ns)
     tasks = _tasks(ns)
     resolve_source(ns.model)
+    if ns.max_new_tokens is not None:
+        return _long_answers(ns, protocol, tasks)
     prompts = None
     if ns.prompts:
         try:
@@ -107,6 +109,39 @@ def cmd_main(ns: argparse.Namespace) -> int:
                              "regular_acc"]]
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("mean over tasks:", result.summary().round(3).to_dict())
+    print(f"wrote {out}/accuracy.csv, dev_curve.csv, predictions.csv, meta.json")
+    return 0
+
+
+def _long_answers(ns: argparse.Namespace, protocol: Protocol, tasks) -> int:
+    """``main --max-new-tokens N``: answers generated up to N tokens, scored on the first token and whole."""
+    from . import long_answers
+    from .models import load_model
+
+    if ns.prompts:
+        raise TaskvecError("--prompts and --max-new-tokens do not go together: the long-answer experiment samples "
+                           "its prompts from every example (no single-token filter)")
+    long_answers.check_max_new_tokens(ns.max_new_tokens)
+    start = time.perf_counter()
+    store = _store(ns)
+    if remote.is_remote(ns.remote):
+        remote.check_setup(ns.remote, ns.model)
+
+    def loader(name: str):
+        return load_model(name, remote=ns.remote)
+
+    model = ns.model if store else loader(ns.model)
+    result = long_answers.run(model, tasks, protocol, ns.max_new_tokens, store=store, loader=loader, remote=ns.remote)
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.accuracy.to_csv(out / "accuracy.csv", index=False)
+    result.dev_curve.to_csv(out / "dev_curve.csv", index=False)
+    result.predictions.to_csv(out / "predictions.csv", index=False)
+    (out / "meta.json").write_text(json.dumps({"model": result.model, "max_new_tokens": ns.max_new_tokens,
+                                               "protocol": {f.name: getattr(protocol, f.name) for f in fields(Protocol)},
+                                               "task_seconds": result.seconds,
+                                               "seconds": round(time.perf_counter() - start, 1)}, indent=1, default=str))
+    print(result.accuracy.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"wrote {out}/accuracy.csv, dev_curve.csv, predictions.csv, meta.json")
     return 0
 
@@ -164,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
                       help="run on NDIF: nnsight's configured host (NDIF_HOST, key from NDIF_API_KEY), or HOST "
                            "(http://host:port); no weights are loaded here")
+    main.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                      help="generate answers of up to N tokens and score them whole as well as by their first token "
+                           "(every example usable, no single-token filter; columns first_token_acc and "
+                           "full_answer_acc per condition)")
     _protocol_args(main)
     main.set_defaults(func=cmd_main)
 

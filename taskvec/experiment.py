@@ -373,14 +373,21 @@ def main_keys(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol,
               prompts: dict[str, PromptSet] | None = None, remote: bool | str = False) -> dict[str, str]:
     """Cache key of each task's result (:func:`task_key`) for a loaded model, or for a model name as
     ``load_model(name, remote=remote)`` would load it, without loading anything."""
+    ident = model_identity(model, protocol, remote)
+    prompts = prompts or {}
+    return {t.name: task_key(ident["model"], ident["weights"], t, protocol, prompts.get(t.name), device=ident["device"],
+                             dtype=ident["dtype"]) for t in tasks}
+
+
+def model_identity(model: TaskModel | str, protocol: Protocol, remote: bool | str = False) -> dict[str, str]:
+    """What a cache key holds of a model: name, weights hash, device type and dtype (for a name, where
+    ``load_model(name, remote=remote)`` with the protocol's dtype would put it), without loading it."""
     name = model if isinstance(model, str) else model.name
     weights = model_fingerprint(model) if isinstance(model, str) else model.weights_sha256
     if not weights:
         raise ValueError(f"model {name!r} has no weights hash; caching needs one (TaskModel.weights_sha256)")
     device, dtype = placement(name, dtype=protocol.dtype, remote=remote) if isinstance(model, str) else model.placement
-    prompts = prompts or {}
-    return {t.name: task_key(name, weights, t, protocol, prompts.get(t.name), device=device, dtype=dtype)
-            for t in tasks}
+    return {"model": name, "weights": weights, "device": device, "dtype": dtype}
 
 
 def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol | None = None,

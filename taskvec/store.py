@@ -27,6 +27,9 @@ from .models import EMBEDDED, cache_dir, resolve_source, sha256_file
 METHOD_MODULES = ("mechanism.py", "experiment.py", "prompts.py", "tasks.py", "models.py", "arch.py")
 # Analyses built on the main experiment (dominance, interpretation) also depend on this one.
 ANALYSIS_MODULES = METHOD_MODULES + ("analysis.py",)
+# The studies beyond the paper: answers of several tokens, and what θ needs.
+LONG_ANSWER_MODULES = METHOD_MODULES + ("long_answers.py",)
+CONTEXT_MODULES = METHOD_MODULES + ("context.py",)
 
 
 @lru_cache(maxsize=None)

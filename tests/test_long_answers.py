@@ -1,0 +1,200 @@
+"""Answers longer than one token: generation against plain PyTorch, its invariants, scoring, caching, the
+command line, and the effect on the embedded model.
+
+Golden: ``mechanism.generate`` (nnsight, HF generate with a key/value cache, left-padded batches) against a
+plain loop that recomputes the whole sequence at every step, a forward hook writing θ at the query's last
+position each time. Equal token ids on tiny random models of every supported family.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from taskvec import cli, mechanism
+from taskvec import long_answers as LA
+from taskvec.arch import residual
+from taskvec.errors import SettingError
+from taskvec.experiment import Protocol
+from taskvec.prompts import PromptFormat
+from taskvec.store import Store
+from taskvec.tasks import Example, Task, load_task, load_tasks
+
+TEXTS = ["example:a->b\nexample:c->", "example:hot->cold\nexample:up->down\nexample:big->", "example:x->"]
+STEPS = 6
+
+
+def plain_generate(model, text: str, steps: int, layer: int | None = None, vector: torch.Tensor | None = None,
+                   stop_ids=()) -> list[int]:
+    """Greedy decoding without a cache: the whole sequence runs again at every step; with ``vector``, a forward
+    hook overwrites the output of ``layer`` at the prompt's last position (every step, as the cache keeps it)."""
+    ids = model.tokenizer(text, return_tensors="pt").input_ids
+    position = ids.shape[1] - 1
+    hook = None
+    if vector is not None:
+        def replace(mod, args, out):
+            hidden = residual(out).clone()
+            hidden[:, position] = vector
+            return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
+        hook = model.arch.layer_modules(model.hf)[layer].register_forward_hook(replace)
+    out = []
+    try:
+        for _ in range(steps):
+            with torch.no_grad():
+                token = int(model.hf(input_ids=ids).logits[0, -1].argmax())
+            out.append(token)
+            if token in stop_ids:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return out
+
+
+def test_generate_matches_a_plain_loop_with_a_hook(tiny):
+    torch.manual_seed(1)
+    vectors = torch.randn(len(TEXTS), tiny.d_model) * 5
+    stop = set(mechanism.stop_token_ids(tiny))
+    for layer in (0, tiny.n_layers - 2):
+        got = mechanism.generate(tiny, TEXTS, STEPS, vectors, layer, batch_size=8)
+        for i, text in enumerate(TEXTS):
+            assert got[i] == plain_generate(tiny, text, STEPS, layer, vectors[i], stop), (tiny.name, layer, i)
+    clean = mechanism.generate(tiny, TEXTS, STEPS)
+    assert clean == [plain_generate(tiny, t, STEPS, stop_ids=stop) for t in TEXTS]
+    # The patch does something (guards against a silent no-op on both sides).
+    assert got != clean
+
+
+def test_a_batch_generates_what_its_prompts_generate_one_by_one(tiny):
+    torch.manual_seed(2)
+    vectors = torch.randn(len(TEXTS), tiny.d_model) * 5
+    batch = mechanism.generate(tiny, TEXTS, STEPS, vectors, 1, batch_size=len(TEXTS))
+    single = [mechanism.generate(tiny, [t], STEPS, vectors[i:i + 1], 1)[0] for i, t in enumerate(TEXTS)]
+    assert batch == single
+
+
+def test_the_first_generated_token_is_the_one_token_patch(tiny_gpt2):
+    torch.manual_seed(3)
+    vectors = torch.randn(len(TEXTS), tiny_gpt2.n_layers, tiny_gpt2.d_model) * 5
+    layer = 2
+    generated = mechanism.generate(tiny_gpt2, TEXTS, 3, vectors[:, layer], layer)
+    patched = mechanism.patched_next_tokens(tiny_gpt2, TEXTS, vectors, [layer])[0]
+    assert [ids[0] for ids in generated] == patched.tolist()
+
+
+def test_generation_stops_at_the_separator_and_keeps_it(tiny_gpt2):
+    stop = set(mechanism.stop_token_ids(tiny_gpt2))
+    newline = tiny_gpt2.tokenizer.convert_tokens_to_ids("\n")
+    assert newline in stop and tiny_gpt2.tokenizer.eos_token_id in stop
+    for ids in mechanism.generate(tiny_gpt2, TEXTS, 40):
+        ends = [i for i, t in enumerate(ids) if t in stop]
+        assert ends in ([], [len(ids) - 1]), ids  # nothing after the first stop token
+        assert len(ids) <= 40
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 3, "layer": 1}, "both vectors and layer"),
+    ({"max_new_tokens": 3, "layer": 1, "vectors": torch.zeros(2, 32)}, "vectors must be"),
+    ({"max_new_tokens": 3, "layer": 9, "vectors": torch.zeros(3, 32)}, "out of range"),
+])
+def test_generate_rejects_bad_arguments(tiny_gpt2, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mechanism.generate(tiny_gpt2, TEXTS, **kwargs)
+
+
+def test_answers_are_cut_at_the_separator_and_matched_whole(tiny_gpt2):
+    tok = tiny_gpt2.tokenizer
+    ids = tok("c a t\nexample").input_ids[1:]  # without <bos>
+    assert LA.answer_text(tok, ids, "\n") == "c a t"
+    example = Example("cat", ("c a t", "C A T"))
+    assert LA.full_match("c a t", example) and LA.full_match("C A T", example)
+    assert not LA.full_match("c a", example) and not LA.full_match("", example)
+    # One character per token here: "c a t" is 5 tokens after the query line; spaced adds one.
+    assert LA.answer_tokens(tok, PromptFormat(), example) == 5
+    assert LA.answer_tokens(tok, PromptFormat(space=True), example) == 6
+
+
+def test_max_new_tokens_is_checked():
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(SettingError, match="max_new_tokens"):
+            LA.check_max_new_tokens(bad)
+
+
+def _letters_task() -> Task:
+    return load_task("next_letter")
+
+
+def test_the_study_scores_every_condition_on_the_same_queries_and_caches(tiny_gpt2, tmp_path, monkeypatch):
+    protocol = Protocol(n_dev=4, n_test=5)
+    tasks = [_letters_task(), load_task("list_reverse")]
+    store = Store(tmp_path)
+    computed, real = [], LA.run_task
+    monkeypatch.setattr(LA, "run_task", lambda model, task, *a: computed.append(task.name) or real(model, task, *a))
+    first = LA.run(tiny_gpt2, tasks, protocol, 4, store=store, progress=False)
+    assert computed == ["next_letter", "list_reverse"]
+    preds = first.predictions
+    assert set(preds["condition"]) == set(LA.CONDITIONS)
+    queries = {c: list(g["query"]) for c, g in preds[preds["task"] == "list_reverse"].groupby("condition")}
+    assert queries["baseline"] == queries["hypothesis"] == queries["regular"]
+    assert (preds["n_generated"] <= 4).all()
+    assert list(first.accuracy.columns[3:]) == [f"{c}_{m}" for c in LA.CONDITIONS
+                                                for m in ("first_token_acc", "full_answer_acc")]
+    assert len(first.dev_curve) == len(tasks) * tiny_gpt2.n_layers
+
+    again = LA.run(tiny_gpt2, tasks, protocol, 4, store=store, progress=False)
+    assert computed == ["next_letter", "list_reverse"]  # nothing computed again
+    pd.testing.assert_frame_equal(again.predictions, first.predictions, check_dtype=False)
+    # Another token limit is another result.
+    assert LA.task_key(tiny_gpt2, tasks[0], protocol, 4) != LA.task_key(tiny_gpt2, tasks[0], protocol, 5)
+
+
+def test_the_command_line_writes_first_token_and_full_answer_columns(tmp_path, capsys):
+    from conftest import CONFIGS, char_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "tiny"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(CONFIGS["gpt2"](), dtype=torch.float32).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    out = tmp_path / "out"
+    argv = ["main", "--model", str(folder), "--tasks", "next_letter,spell_word", "--max-new-tokens", "4",
+            "--n-dev", "3", "--n-test", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert cli.main(argv) == 0
+    table = pd.read_csv(out / "accuracy.csv")
+    assert list(table["task"]) == ["next_letter", "spell_word"]
+    for condition in LA.CONDITIONS:
+        assert {f"{condition}_first_token_acc", f"{condition}_full_answer_acc"} <= set(table.columns)
+    assert json.loads((out / "meta.json").read_text())["max_new_tokens"] == 4
+    assert cli.main(argv[:-4] + ["--max-new-tokens", "0", "--out", str(out)]) == 2
+    assert "max_new_tokens must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_the_sequence_tasks_are_not_among_the_paper_s():
+    names = [t.name for t in load_tasks()]
+    assert len(names) == 18 and "spell_word" not in names and "list_reverse" not in names
+    spell, reverse = load_task("spell_word"), load_task("list_reverse")
+    assert all(ex.output == " ".join(ex.input) for ex in spell.examples)
+    assert all(ex.output == " ".join(reversed(ex.input.split(" "))) for ex in reverse.examples)
+    assert all(3 <= len(ex.input.split(" ")) <= 5 for ex in reverse.examples)
+
+
+def test_theta_carries_whole_answers_on_the_real_model(real_model):
+    # Observed (seed 41, n_dev 12, n_test 16, CPU float32): full-answer accuracy baseline / hypothesis /
+    # regular: country_capital .00/.50/.38, antonyms .12/.50/.88 (first token .00/.50/.38, .06/.56/.88);
+    # 4 of 10 capitals of two tokens or more generated whole under Hypothesis.
+    # Asserted: Hypothesis above Baseline on whole answers for both tasks, by .2 on average (observed .44).
+    protocol = Protocol(n_dev=12, n_test=16)
+    result = LA.run(real_model, load_tasks(["country_capital", "antonyms"]), protocol, 6, progress=False)
+    acc = result.accuracy.set_index("task")
+    gain = acc["hypothesis_full_answer_acc"] - acc["baseline_full_answer_acc"]
+    assert (gain > 0).all() and gain.mean() >= 0.2, acc
+    assert (acc["regular_full_answer_acc"] > acc["baseline_full_answer_acc"]).all(), acc
+    # Capitals of several tokens exist and some are generated whole under Hypothesis.
+    hyp = result.predictions[(result.predictions["condition"] == "hypothesis")
+                             & (result.predictions["answer_tokens"] >= 2)]
+    assert len(hyp) and hyp["full_correct"].any(), hyp
