@@ -1,0 +1,216 @@
+"""What θ needs: how many demonstrations, and how many prompts, make a task vector.
+
+The paper reads θ from one prompt of 5 demonstrations. Two curves ask how much of that context θ needs,
+both patched at the layer ``L`` the main experiment chose for the task and scored like it (single-token
+answers, the protocol's scoring rule):
+
+* **Shots.** θ from prompts of 1, 2, 3, 5, 8 and 12 demonstrations: Hypothesis (θ patched into the
+  query alone) and Regular (the same prompt with the real query) against the number of shots.
+* **Contexts.** θ averaged over ``k`` different prompts of the task (k = 1, 2, 4, 8, 16; the original
+  code has this option but never reports it), patched into held-out queries: queries that no prompt of
+  the pool contains, so the mean cannot have seen them. Baseline (the held-out query alone) is the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from . import mechanism
+from .errors import SettingError
+from .experiment import Protocol, Scorer, model_identity, read_records, single_token_examples, write_records
+from .models import TaskModel, load_model
+from .prompts import TooFewExamples, sample_prompts
+from .remote import where as remote_where
+from .store import CONTEXT_MODULES, Store, make_key
+from .tasks import Task
+
+SHOTS = (1, 2, 3, 5, 8, 12)
+CONTEXTS = (1, 2, 4, 8, 16)
+
+
+def check_counts(name: str, values: Sequence[int]) -> list[int]:
+    """A non-empty list of distinct integers >= 1, sorted; otherwise a SettingError naming ``name``."""
+    values = list(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise SettingError(f"{name} must be a non-empty list of integers >= 1, got {values!r}")
+    if len(set(values)) != len(values):
+        raise SettingError(f"{name} must not repeat a value, got {values!r}")
+    return sorted(values)
+
+
+def _usable(model: TaskModel, task: Task, protocol: Protocol):
+    fmt = protocol.format_for(task, model.tokenizer)
+    usable = single_token_examples(task, model.tokenizer, fmt) if protocol.single_token else task
+    return fmt, usable
+
+
+def _scored(model: TaskModel, score: Scorer, ids: torch.Tensor, examples) -> list[bool]:
+    texts = [model.tokenizer.decode([int(i)]) for i in ids]
+    return score(ids.tolist(), texts, examples)
+
+
+def shots_curve(model: TaskModel, task: Task, protocol: Protocol, layer: int, shots: Sequence[int] = SHOTS,
+                n_prompts: int = 20) -> pd.DataFrame:
+    """Per number of shots: Hypothesis (θ of the prompt, patched after ``layer`` into its query alone) and
+    Regular (the prompt with its query) on ``n_prompts`` prompts. One row per prompt and condition:
+    task, shots, condition, prompt, correct. A shot count the task has too few examples for is left out."""
+    shots = check_counts("shots", shots)
+    fmt, usable = _usable(model, task, protocol)
+    score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
+    rows = []
+    for n_shots in shots:
+        try:
+            prompts = sample_prompts(usable, n_prompts, n_shots, protocol.seed, f"shots-{n_shots}", protocol.n_dummies)
+        except TooFewExamples:
+            continue
+        theta, regular = mechanism.task_vectors_and_answers(
+            model, [q.dummy_texts(fmt) for q in prompts], [q.regular_text(fmt) for q in prompts], protocol.batch_size,
+            "shots extract + regular")
+        hypothesis = mechanism.patched_next_tokens(model, [q.query_text(fmt) for q in prompts], theta, [layer],
+                                                   protocol.patch_batch_size, "shots patch")[0]
+        examples = [q.query for q in prompts]
+        for condition, ids in (("hypothesis", hypothesis), ("regular", regular)):
+            for i, ok in enumerate(_scored(model, score, ids, examples)):
+                rows.append({"task": task.name, "shots": n_shots, "condition": condition, "prompt": i, "correct": ok})
+    return pd.DataFrame(rows, columns=["task", "shots", "condition", "prompt", "correct"])
+
+
+def held_out_split(task: Task, n_queries: int, need: int, seed: int) -> tuple[list, list]:
+    """``n_queries`` held-out examples (at most what leaves ``need`` for one prompt) and the rest."""
+    examples = list(task.examples)
+    random.Random(f"{seed}:{task.name}:held-out").shuffle(examples)
+    n = min(n_queries, len(examples) - need)
+    if n < 1:
+        raise TooFewExamples(f"task {task.name!r} has {len(examples)} examples: none left to hold out "
+                             f"beside a prompt of {need}")
+    return examples[:n], examples[n:]
+
+
+def contexts_curve(model: TaskModel, task: Task, protocol: Protocol, layer: int,
+                   contexts: Sequence[int] = CONTEXTS, pool: int = 32, max_groups: int = 8,
+                   n_queries: int = 25) -> pd.DataFrame:
+    """Multi-context θ: the mean of θ over ``k`` prompts, patched after ``layer`` into held-out queries.
+
+    ``pool`` prompts (the protocol's shots and dummies) are drawn from the examples left after holding
+    out the queries; for each ``k``, up to ``max_groups`` disjoint groups of ``k`` prompts each give
+    one mean θ, scored on every held-out query. Baseline: each held-out query alone. One row per
+    (k, group, query) and for the baseline per query: task, k, group, condition, query, correct
+    (Baseline rows have k = 0).
+    """
+    contexts = check_counts("contexts", contexts)
+    if max(contexts) > pool:
+        raise SettingError(f"the largest context count ({max(contexts)}) exceeds the pool of {pool} prompts")
+    fmt, usable = _usable(model, task, protocol)
+    need = protocol.n_shots + 1 + protocol.n_dummies
+    held, rest = held_out_split(usable, n_queries, need, protocol.seed)
+    prompts = sample_prompts(usable.restrict(rest), pool, protocol.n_shots, protocol.seed, "contexts",
+                             protocol.n_dummies)
+    theta = mechanism.task_vectors(model, [q.dummy_texts(fmt) for q in prompts], protocol.batch_size,
+                                   "contexts extract")[:, layer]
+    plan = [(k, g) for k in contexts for g in range(min(max_groups, pool // k))]
+    means = torch.stack([theta[g * k:(g + 1) * k].mean(dim=0) for k, g in plan])  # disjoint groups
+    queries = [fmt.query(ex.input) for ex in held]
+    texts = [q for _ in plan for q in queries]
+    vectors = torch.zeros(len(texts), model.n_layers, model.d_model)
+    vectors[:, layer] = means.repeat_interleave(len(queries), dim=0)
+    ids = mechanism.patched_next_tokens(model, texts, vectors, [layer], protocol.patch_batch_size, "contexts patch")[0]
+    score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
+    correct = _scored(model, score, ids, held * len(plan))
+    rows = [{"task": task.name, "k": k, "group": g, "condition": "hypothesis", "query": i,
+             "correct": correct[j * len(queries) + i]}
+            for j, (k, g) in enumerate(plan) for i in range(len(queries))]
+    base = _scored(model, score, mechanism.next_tokens(model, queries, protocol.batch_size, "contexts baseline"), held)
+    rows += [{"task": task.name, "k": 0, "group": 0, "condition": "baseline", "query": i, "correct": ok}
+             for i, ok in enumerate(base)]
+    return pd.DataFrame(rows)
+
+
+def curve_summary(frame: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Accuracy per task, ``x`` and condition, and the mean over tasks (task ``mean``)."""
+    per_task = frame.groupby(["task", x, "condition"])["correct"].mean().rename("accuracy").reset_index()
+    mean = per_task.groupby([x, "condition"])["accuracy"].mean().reset_index().assign(task="mean")
+    return pd.concat([per_task, mean[per_task.columns]], ignore_index=True)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How large the two curves are (see :func:`shots_curve` and :func:`contexts_curve`)."""
+
+    shots: tuple[int, ...] = SHOTS
+    contexts: tuple[int, ...] = CONTEXTS
+    n_prompts: int = 20  # prompts per shot count
+    pool: int = 32  # prompts whose θ the context means are drawn from
+    max_groups: int = 8  # disjoint groups per context count
+    n_queries: int = 25  # held-out queries
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shots", tuple(check_counts("shots", self.shots)))
+        object.__setattr__(self, "contexts", tuple(check_counts("contexts", self.contexts)))
+        for name in ("n_prompts", "pool", "max_groups", "n_queries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingError(f"{name} must be an integer >= 1, got {value!r}")
+        if max(self.contexts) > self.pool:
+            raise SettingError(f"the largest context count ({max(self.contexts)}) exceeds pool ({self.pool})")
+
+
+@dataclass
+class ContextResult:
+    shots: pd.DataFrame  # one row per task, shot count, condition and prompt (see shots_curve)
+    contexts: pd.DataFrame  # one row per task, k, group, condition and query (see contexts_curve)
+    layers: dict[str, int]
+    seconds: dict[str, float]
+
+
+def task_key(model: TaskModel | str, task: Task, protocol: Protocol, layer: int, sizes: Sizes,
+             remote: bool | str = False) -> str:
+    """Cache key of one task's curves: the model's identity, the task's data, the protocol, the layer,
+    the sizes and the code of the method and of this module."""
+    return make_key(CONTEXT_MODULES, kind="context", **model_identity(model, protocol, remote), task=task.identity(),
+                    protocol=protocol, layer=layer, sizes=sizes)
+
+
+def run(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol, layers: dict[str, int],
+        sizes: Sizes = Sizes(), store: Store | None = None, loader=load_model, remote: bool | str = False,
+        progress: bool = True) -> ContextResult:
+    """Both curves for every task at its layer ``layers[task]``, each task cached in ``store`` when given."""
+    missing = [t.name for t in tasks if t.name not in layers]
+    if missing:
+        raise SettingError(f"no layer given for task(s) {', '.join(missing)}")
+    name = model if isinstance(model, str) else model.name
+    loaded: list[TaskModel] = [] if isinstance(model, str) else [model]
+    shots, contexts, seconds = [], [], {}
+    for task in tqdm(tasks, desc=f"what θ needs ({name})", unit="task", disable=not progress):
+        layer = int(layers[task.name])
+        key = task_key(model, task, protocol, layer, sizes, remote) if store else ""
+        if store and store.has("context", name, key):
+            folder = store.path("context", name, key)
+            shot_rows, context_rows = read_records(folder / "shots.jsonl"), read_records(folder / "contexts.jsonl")
+            seconds[task.name] = json.loads((folder / "meta.json").read_text())["seconds"]
+        else:
+            if not loaded:
+                loaded.append(loader(model))
+            start = time.perf_counter()
+            with remote_where(task=task.name):
+                shot_rows = shots_curve(loaded[0], task, protocol, layer, sizes.shots, sizes.n_prompts)
+                context_rows = contexts_curve(loaded[0], task, protocol, layer, sizes.contexts, sizes.pool,
+                                              sizes.max_groups, sizes.n_queries)
+            seconds[task.name] = round(time.perf_counter() - start, 2)
+            if store:
+                def write(folder, s=shot_rows, c=context_rows, t=seconds[task.name]):
+                    write_records(folder / "shots.jsonl", s)
+                    write_records(folder / "contexts.jsonl", c)
+                    (folder / "meta.json").write_text(json.dumps({"seconds": t, "layer": layer}))
+                store.save("context", name, key, write)
+        shots.append(shot_rows)
+        contexts.append(context_rows)
+    return ContextResult(shots=pd.concat(shots, ignore_index=True), contexts=pd.concat(contexts, ignore_index=True),
+                         layers={t.name: int(layers[t.name]) for t in tasks}, seconds=seconds)
