@@ -438,7 +438,7 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
     vocab) float32 logits.
 
     Below layer L a patched row is the text itself, and the patch touches only the last position:
-    each text minus its last token runs once into a key/value cache, and every (text, layer) row
+    each text minus its last token runs once into a key/value cache (a text given several times, once), and every (text, layer) row
     feeds only the last token on a copy of that cache, θ written after its layer. A batch holds at
     most ``batch_size`` such rows (remotely also few enough that their θ fit in one request).
     """
@@ -463,9 +463,12 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
         chosen_layers = list(range(len(layers)))[layer_rows]
         for text_rows in _batches(n, max(1, batch_size // len(chosen_layers))):
             chosen = order[text_rows]
-            prefix = _left_padded([ids[i][:-1] for i in chosen], pad)
+            # Texts that repeat (the same query under several θ) share one cached prefix row.
+            unique = list(dict.fromkeys(tuple(ids[i][:-1]) for i in chosen))
+            row_of = {key: r for r, key in enumerate(unique)}
+            prefix = _left_padded([list(key) for key in unique], pad)
             jobs = [(li, t) for li in chosen_layers for t in range(len(chosen))]  # layer-major: one block per layer
-            select = torch.tensor([t for _, t in jobs])
+            select = torch.tensor([row_of[tuple(ids[chosen[t]][:-1])] for _, t in jobs])
             step, _ = _continuation(prefix["attention_mask"][select], [[ids[chosen[t]][-1]] for _, t in jobs], pad)
             plan = []
             for position, li in enumerate(chosen_layers):
@@ -475,7 +478,7 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
             tokens = int(prefix["attention_mask"].sum()) + len(jobs)
             units.append(_Unit((prefix, step, select, plan, return_logits), len(jobs) * _value_bytes(model, return_logits),
                                _sent_bytes(prefix, step, select, extra=sum(int(t.numel() * 4) for _, _, t in plan)),
-                               2, len(chosen) + len(jobs), tokens, len(jobs)))
+                               2, len(unique) + len(jobs), tokens, len(jobs)))
             jobs_of.append([(li, chosen[t]) for li, t in jobs])
     values = _requests(model, phase, units, _patched_session)
     result = torch.empty((len(layers), n, *values[0].shape[1:]), dtype=values[0].dtype)

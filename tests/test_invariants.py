@@ -74,3 +74,14 @@ def test_many_small_batches_equal_one_batch(tiny):
     many = mechanism.hidden_states(tiny, texts, batch_size=2)
     torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-4)
     assert torch.equal(mechanism.next_tokens(tiny, texts, batch_size=1), mechanism.next_tokens(tiny, texts))
+
+
+def test_a_text_given_several_times_with_different_thetas_answers_as_each_alone(tiny):
+    """Repeated texts share one cached prefix row; each row still gets its own θ."""
+    texts = [TEXTS[1], TEXTS[1], TEXTS[0], TEXTS[1], TEXTS[0]]
+    vectors = torch.randn(len(texts), tiny.n_layers, tiny.d_model, generator=torch.Generator().manual_seed(5)) * 5
+    batched = mechanism.patched_next_tokens(tiny, texts, vectors, [1, 2], batch_size=64, return_logits=True)
+    for i, text in enumerate(texts):
+        single = mechanism.patched_next_tokens(tiny, [text], vectors[i:i + 1], [1, 2], return_logits=True)
+        torch.testing.assert_close(single[:, 0], batched[:, i], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched[:, 0], batched[:, 1], atol=1e-3)  # same text, other θ, other answer
