@@ -270,3 +270,91 @@ def format_effect(both: pd.DataFrame) -> alt.Chart:
     rows = {"row": alt.Row("model:N", title=None)} if "model" in data and data["model"].nunique() > 1 else {}
     return alt.layer(rules, marks, data=data).properties(width=140, height=alt.Step(11)).facet(
         column=alt.Column("condition:N", sort=list(CONDITION_NAMES.values()), title=None), **rows)
+
+
+#: Conditions as the beyond-the-paper tables name them (``condition`` column).
+CONDITION_LABELS = {"baseline": "Baseline", "hypothesis": "Hypothesis", "regular": "Regular"}
+
+
+def first_vs_full(table: pd.DataFrame) -> alt.Chart:
+    """Per task and condition: first-token accuracy (open circle) and full-answer accuracy (filled), joined
+    by a line; one panel per model. ``table``: :func:`taskvec.long_answers.accuracy_table` with ``model``."""
+    data = table.assign(condition=table["condition"].map(CONDITION_LABELS),
+                        label=table["task"] + " (" + table["answer_tokens"].round(1).astype(str) + " tok)")
+    y = alt.Y("label:N", title="task (mean answer length in tokens)", sort=alt.SortField("answer_tokens"))
+    offset = alt.YOffset("condition:N", sort=list(CONDITION_LABELS.values()))
+    color = alt.Color("condition:N", scale=CONDITION_COLORS, legend=alt.Legend(title="condition", orient="top"))
+    tip = ["model:N", "task:N", "condition:N", alt.Tooltip("first_token_acc:Q", title="first token", format=".2f"),
+           alt.Tooltip("full_answer_acc:Q", title="full answer", format=".2f"), "n:Q",
+           alt.Tooltip("answer_tokens:Q", title="mean answer tokens", format=".1f")]
+    rules = alt.Chart().mark_rule(strokeWidth=1.5).encode(
+        x=alt.X("full_answer_acc:Q", title="accuracy (open: first token, filled: full answer)",
+                scale=alt.Scale(domain=[0, 1])), x2="first_token_acc:Q", y=y, yOffset=offset, color=color, tooltip=tip)
+    first = alt.Chart().mark_point(filled=False, size=40).encode(x="first_token_acc:Q", y=y, yOffset=offset,
+                                                                color=color, tooltip=tip)
+    full = alt.Chart().mark_point(filled=True, size=40, opacity=1).encode(x="full_answer_acc:Q", y=y, yOffset=offset,
+                                                                         color=color, tooltip=tip)
+    return alt.layer(rules, first, full, data=data).properties(width=380, height=alt.Step(8)).facet(
+        row=alt.Row("model:N", title=None, header=alt.Header(labelFontWeight="bold", labelAngle=0, labelAlign="left")),
+    ).resolve_scale(y="independent")
+
+
+def by_length(table: pd.DataFrame) -> alt.Chart:
+    """Full-answer (solid) and first-token (dashed) accuracy against the answer's length in tokens, pooled
+    over tasks, per condition and model. ``table``: :func:`taskvec.long_answers.by_length` with ``model``."""
+    data = table.assign(condition=table["condition"].map(CONDITION_LABELS)).melt(
+        id_vars=["model", "length", "length_label", "condition", "n"], value_vars=["full_answer_acc", "first_token_acc"],
+        var_name="metric", value_name="accuracy")
+    data["metric"] = data["metric"].map({"full_answer_acc": "full answer", "first_token_acc": "first token"})
+    return alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("length_label:O", title="answer length (tokens)", sort=sorted(data["length_label"].unique(),
+                                                                              key=lambda s: int(s.rstrip("+")))),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("condition:N", scale=CONDITION_COLORS, legend=alt.Legend(orient="top")),
+        strokeDash=alt.StrokeDash("metric:N", sort=["full answer", "first token"], legend=alt.Legend(orient="top")),
+        tooltip=["model:N", "condition:N", "metric:N", "length_label:N", alt.Tooltip("accuracy:Q", format=".2f"), "n:Q"],
+    ).properties(width=300, height=200).facet(column=alt.Column("model:N", title=None))
+
+
+def _curve(summary: pd.DataFrame, x: str, title: str, log: bool) -> alt.Chart:
+    """Accuracy against ``x`` per condition: one thin line per task, the mean over tasks thick; click a task."""
+    data = summary.assign(condition=summary["condition"].map(CONDITION_LABELS))
+    tasks, mean = data[data["task"] != "mean"], data[data["task"] == "mean"]
+    pick = alt.selection_point(fields=["task"], bind="legend")
+    scale = alt.Scale(type="log", base=2) if log else alt.Scale(zero=False)
+    xs = sorted(data[x].unique())
+    axis = alt.Axis(values=[int(v) for v in xs], format="d")
+    thin = alt.Chart(tasks).mark_line(strokeWidth=1).encode(
+        x=alt.X(f"{x}:Q", title=title, scale=scale, axis=axis),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("condition:N", scale=CONDITION_COLORS, legend=alt.Legend(orient="top")),
+        detail="task:N", shape=alt.Shape("task:N", legend=alt.Legend(title="task (click)", orient="bottom", columns=4,
+                                                                     labelLimit=160)),
+        opacity=alt.condition(pick, alt.value(0.8), alt.value(0.1)),
+        tooltip=["model:N", "task:N", "condition:N", f"{x}:Q", alt.Tooltip("accuracy:Q", format=".2f")],
+    ).add_params(pick)
+    thin = thin + thin.mark_point(size=20)
+    thick = alt.Chart(mean).mark_line(strokeWidth=4, point=True).encode(
+        x=f"{x}:Q", y="accuracy:Q", color=alt.Color("condition:N", scale=CONDITION_COLORS),
+        tooltip=["model:N", "condition:N", f"{x}:Q", alt.Tooltip("accuracy:Q", title="mean over tasks", format=".2f")])
+    return alt.layer(thin, thick).properties(width=300, height=220)
+
+
+def shots_curve(summary: pd.DataFrame) -> alt.Chart:
+    """Hypothesis and Regular accuracy against the number of demonstrations, per task (thin) and the mean
+    (thick); one panel per model. ``summary``: :func:`taskvec.context.curve_summary` with ``model``."""
+    return alt.hconcat(*[_curve(group, "shots", f"demonstrations in the prompt ({m})", log=False)
+                         for m, group in summary.groupby("model", sort=False)])
+
+
+def contexts_curve(summary: pd.DataFrame) -> alt.Chart:
+    """Hypothesis accuracy on held-out queries against the number of prompts θ is averaged over (log 2
+    axis), per task (thin) and the mean (thick), the Baseline mean as a grey rule; one panel per model."""
+    panels = []
+    for m, group in summary.groupby("model", sort=False):
+        hyp = group[group["condition"] == "hypothesis"]
+        base = group[(group["condition"] == "baseline") & (group["task"] == "mean")]
+        rule = alt.Chart(base).mark_rule(color="#9e9e9e", strokeDash=[4, 3], strokeWidth=2).encode(
+            y="accuracy:Q", tooltip=[alt.Tooltip("accuracy:Q", title="Baseline, mean over tasks", format=".2f")])
+        panels.append(alt.layer(_curve(hyp, "k", f"prompts averaged into θ ({m})", log=True), rule))
+    return alt.hconcat(*panels)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -32,13 +33,14 @@ from . import remote
 from .errors import SettingError, TaskvecError
 from .experiment import Protocol, main_keys
 from .store import code_version, make_key
-from .tasks import load_tasks
+from .tasks import all_tasks, load_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The package whose every module a notebook may import.
 PACKAGE = Path(__file__).resolve().parent
 #: Section notebooks in reading order; the last two read what the others produced.
-NOTEBOOKS = ("data", "finding_L", "accuracy", "geometry", "dominance", "interpretation", "comparison", "provenance")
+NOTEBOOKS = ("data", "finding_L", "accuracy", "geometry", "dominance", "interpretation", "beyond", "needs", "comparison",
+             "provenance")
 COMMON = ("models", "tasks", "protocol", "cache_dir", "remote", "beside")
 #: The keys of a profile (taskvec.schema.ProfileSpec).
 PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections", "remote", "beside"}
@@ -104,7 +106,11 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 
 
 def check_parameters(profile: Profile, nb_dir: Path) -> None:
-    """Reject, before any compute, every parameter a notebook does not declare."""
+    """Reject, before any compute, every parameter a notebook does not declare, and bad values of the
+    sections that check theirs (:data:`taskvec.sections.CHECKS`, given the notebook's defaults merged
+    with the profile's settings)."""
+    from .sections import CHECKS
+
     for notebook in NOTEBOOKS:
         path = nb_dir / f"{notebook}.ipynb"
         declared = notebook_parameters(path)
@@ -112,6 +118,12 @@ def check_parameters(profile: Profile, nb_dir: Path) -> None:
         if unknown:
             raise SettingError(f"profile {profile.name!r}: {path.name} has no parameter(s) "
                                f"{', '.join(sorted(unknown))} (it declares {', '.join(declared)})")
+        if notebook in CHECKS:
+            defaults = {name: ast.literal_eval(spec["default"]) for name, spec in declared.items()}
+            try:
+                CHECKS[notebook]({**defaults, **profile.parameters(notebook)})
+            except TaskvecError as error:
+                raise SettingError(f"profile {profile.name!r}, section {notebook}: {error}") from None
 
 
 def results_keys(models: Sequence[str], tasks: Sequence[str], protocol: Protocol,
@@ -131,7 +143,7 @@ def package_sources() -> str:
 
 def task_data() -> str:
     """Hash of every task's data: a section may read tasks outside the profile (dominance pairs)."""
-    blob = json.dumps([t.identity() for t in load_tasks()], ensure_ascii=False)
+    blob = json.dumps([t.identity() for t in load_tasks(all_tasks())], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

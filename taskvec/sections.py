@@ -335,3 +335,91 @@ def answer_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
     """Per task: top tokens of θ that begin one of the task's answers (see analysis.answer_tokens)."""
     names = list(dict.fromkeys(tokens["task"]))
     return analysis.answer_tokens(tokens, {t.name: t for t in load_tasks(names)})
+
+
+def long_answers(name: str, tasks: str | Sequence[str], protocol: Protocol, max_new_tokens: int, n_dev: int,
+                 n_test: int, cache_dir: str | None = None, remote: bool | str = False):
+    """Beyond one token on model ``name`` (:func:`taskvec.long_answers.run`, cached per task): the
+    protocol's shots, dummies, seed and format with ``n_dev`` dev and ``n_test`` test prompts."""
+    from . import long_answers as study
+
+    proto = replace(protocol, n_dev=n_dev, n_test=n_test)
+    setting = remote_setting(remote)
+    return study.run(name, load_tasks(as_list(tasks)), proto, study.check_max_new_tokens(max_new_tokens),
+                     store_for(cache_dir), loader=lambda n: model(n, setting, protocol.dtype), remote=setting,
+                     progress=False)
+
+
+def theta_needs(name: str, result: MainResult, tasks: str | Sequence[str], sizes, cache_dir: str | None = None,
+                remote: bool | str = False):
+    """What θ needs on model ``name`` (:func:`taskvec.context.run`, cached per task), at each task's
+    analysis layer from the main experiment (:func:`analysis_layers`); ``tasks`` the main experiment
+    skipped (too few single-token examples) are left out."""
+    from . import context as study
+
+    layers, _ = analysis_layers(result)
+    chosen = load_tasks(as_list(tasks))
+    outside = [t.name for t in chosen if t.name not in layers]
+    if outside:
+        raise SettingError(f"task(s) {', '.join(outside)} are not in the main experiment of {name} "
+                           f"(its tasks: {', '.join(layers)}); their layer would be unknown")
+    ran = [t for t in chosen if layers[t.name] >= 0]
+    setting = remote_setting(remote)
+    return study.run(name, ran, result.protocol, {t.name: layers[t.name] for t in ran}, sizes, store_for(cache_dir),
+                     loader=lambda n: model(n, setting, result.protocol.dtype), remote=setting, progress=False)
+
+
+def _run_on(params: dict) -> list[str]:
+    """The models a section runs on: ``run_on`` (a subset of ``models``), or all of ``models``."""
+    models, chosen = as_list(params["models"]), as_list(params.get("run_on"))
+    outside = [m for m in chosen if m not in models]
+    if outside:
+        raise SettingError(f"run_on names model(s) outside the profile's models ({', '.join(models)}): "
+                           f"{', '.join(outside)}")
+    return chosen or models
+
+
+def _count(params: dict, name: str) -> int:
+    value = params[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_beyond(params: dict) -> list[str]:
+    """The Beyond one token page's parameters, checked before any compute; returns the models it runs on."""
+    from .long_answers import check_max_new_tokens
+
+    check_max_new_tokens(params["max_new_tokens"])
+    _count(params, "n_dev"), _count(params, "n_test")
+    if not as_list(params["long_tasks"]):
+        raise SettingError("long_tasks must name at least one task")
+    load_tasks(as_list(params["long_tasks"]))  # an unknown name is an error here
+    return _run_on(params)
+
+
+def check_needs(params: dict):
+    """The What θ needs page's parameters, checked before any compute; returns (models it runs on, tasks,
+    sizes). ``needs_tasks`` empty: :data:`taskvec.context.DEFAULT_TASKS`, those the main experiment runs."""
+    from .context import DEFAULT_TASKS, Sizes
+
+    sizes = Sizes(tuple(params["shots"]), tuple(params["contexts"]), params["n_prompts"], params["pool"],
+                  params["max_groups"], params["n_queries"])
+    main_tasks = as_list(params["tasks"])
+    chosen = as_list(params["needs_tasks"])
+    if not chosen:
+        chosen = [t for t in DEFAULT_TASKS if not main_tasks or t in main_tasks]
+        if not chosen:
+            raise SettingError(f"none of the default tasks ({', '.join(DEFAULT_TASKS)}) is among the main "
+                               f"experiment's ({', '.join(main_tasks)}): set needs_tasks")
+    load_tasks(chosen)
+    outside = [t for t in chosen if main_tasks and t not in main_tasks]
+    if outside:
+        raise SettingError(f"needs_tasks {', '.join(outside)} are not among the main experiment's tasks "
+                           f"({', '.join(main_tasks)}): their layer would be unknown")
+    return _run_on(params), chosen, sizes
+
+
+#: Value checks of sections that have them, run by the book runner before any compute (and by the
+#: notebooks themselves, for papermill by hand): notebook name -> check(parameters).
+CHECKS = {"beyond": check_beyond, "needs": check_needs}

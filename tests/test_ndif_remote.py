@@ -55,6 +55,11 @@ def test_remote_equals_local_on_every_operation(served):
             assert a.tolist() == b.tolist(), name  # token ids exactly
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()), msg=name)
+    # Answers of several tokens: HF generate on the server, θ patched in the prompt's forward only.
+    for layer in (None, 1):
+        theta = None if layer is None else vectors[:, layer]
+        far_ids = mechanism.generate(far, TEXTS, 5, theta, layer, batch_size=3)
+        assert far_ids == mechanism.generate(near, TEXTS, 5, theta, layer, batch_size=3), layer
 
 
 def test_a_phase_is_one_request(served):
@@ -84,6 +89,19 @@ def test_main_experiment_on_gemma_through_the_server_equals_local(ndif_server, r
                                   beside={"gemma-3-270m": ndif_server.host, "EleutherAI/gpt-j-6b": True})
     assert list(shown) == ["gemma-3-270m (NDIF)"]  # gpt-j has no cached result: left out, nothing sent
     pd.testing.assert_frame_equal(shown["gemma-3-270m (NDIF)"].accuracy[columns], local_result.accuracy[columns])
+
+
+def test_long_answers_on_gemma_through_the_server_equal_local(ndif_server, real_model):
+    """One task of Beyond one token through the server and here: the same generated answers."""
+    from taskvec import long_answers
+
+    task, protocol = load_tasks(["country_capital"])[0], Protocol(n_dev=4, n_test=4)
+    far = load_model("gemma-3-270m", remote=ndif_server.host)
+    there = long_answers.run_task(far, task, protocol, 4)
+    here = long_answers.run_task(real_model, task, protocol, 4)
+    assert there.best_layer == here.best_layer
+    columns = ["condition", "query", "generated", "first_token_correct", "full_correct"]
+    pd.testing.assert_frame_equal(there.predictions[columns], here.predictions[columns])
 
 
 def test_an_undeployed_model_is_named(ndif_server, tmp_path):

@@ -128,6 +128,28 @@ def test_bad_protocol_value_and_unknown_model_are_rejected_before_compute(tmp_pa
         runner.run("nope", path, book_root=tmp_path, build=False, log=lambda *_: None)
 
 
+@pytest.mark.parametrize("section, params, problem", [
+    ("beyond", {"max_new_tokens": 0}, "section beyond: max_new_tokens must be an integer >= 1, got 0"),
+    ("beyond", {"long_tasks": ["spel_word"]}, "unknown task.*spel_word"),
+    ("beyond", {"run_on": ["smollm2-135m"]}, "run_on names model.*outside the profile's models.*smollm2-135m"),
+    ("beyond", {"n_test": 0}, "n_test must be an integer >= 1"),
+    ("needs", {"contexts": [1, 64]}, "section needs: the largest context count \\(64\\) exceeds pool"),
+    ("needs", {"shots": []}, "shots must be a non-empty list"),
+    ("needs", {"needs_tasks": ["en_fr"]}, "needs_tasks en_fr are not among the main experiment.s tasks"),
+    ("needs", {}, None),  # the defaults: those of the six default tasks the profile runs (here two)
+])
+def test_bad_section_values_are_rejected_before_compute(tmp_path, monkeypatch, section, params, problem):
+    monkeypatch.setattr("taskvec.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
+    profile = {**OK, "tasks": ["antonyms", "next_letter"], "sections": {section: params}}
+    path = write_yaml(tmp_path, {"profiles": {"p": profile}})
+    if problem is None:  # accepted: the run goes on to compute (here: to the patched-out main experiment)
+        with pytest.raises(pytest.fail.Exception, match="computed before checking"):
+            runner.run("p", path, book_root=tmp_path, build=False, log=lambda *_: None)
+        return
+    with pytest.raises(SettingError, match=problem):
+        runner.run("p", path, book_root=tmp_path, build=False, log=lambda *_: None)
+
+
 def counting(monkeypatch, fail_on: str | None = None) -> list[str]:
     """Record which tasks run_task computes; optionally interrupt on one of them."""
     computed, real = [], REAL_RUN_TASK
