@@ -34,6 +34,8 @@ from .tasks import Task
 
 SHOTS = (1, 2, 3, 5, 8, 12)
 CONTEXTS = (1, 2, 4, 8, 16)
+#: The book's default tasks: one or two per category, sized for its time goal.
+DEFAULT_TASKS = ("next_letter", "en_es", "fr_en", "antonyms", "present_past", "country_capital")
 
 
 def check_counts(name: str, values: Sequence[int]) -> list[int]:
