@@ -1,4 +1,4 @@
-"""Command line: ``python -m taskvec {main,tasks,prompts}`` (``book``: see taskvec.runner).
+"""Command line: ``python -m taskvec {main,tasks,prompts}`` (``book``: see taskvec.publishing.runner).
 
 Every argument (model name, task names, sizes, prompt file) is checked before a
 model loads, so a typo fails in a second rather than after minutes of compute.
@@ -115,7 +115,7 @@ def cmd_main(ns: argparse.Namespace) -> int:
 
 def _long_answers(ns: argparse.Namespace, protocol: Protocol, tasks) -> int:
     """``main --max-new-tokens N``: answers generated up to N tokens, scored on the first token and whole."""
-    from . import long_answers
+    from .studies import long_answers
     from .models import load_model
 
     if ns.prompts:
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["book"]:
-        from .runner import main as book_main
+        from .publishing.runner import main as book_main
 
         return book_main(argv[1:])
     ns = build_parser().parse_args(argv)

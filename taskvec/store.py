@@ -23,24 +23,27 @@ from typing import Any
 
 from .models import EMBEDDED, cache_dir, resolve_source, sha256_file
 
-# The modules whose code decides a main-experiment result; editing any of them invalidates it.
+# The modules whose code decides a main-experiment result (paths in the package); editing any of them
+# invalidates it.
 METHOD_MODULES = ("mechanism.py", "experiment.py", "prompts.py", "tasks.py", "models.py", "arch.py")
 # Analyses built on the main experiment (dominance, interpretation) also depend on this one.
-ANALYSIS_MODULES = METHOD_MODULES + ("analysis.py",)
+ANALYSIS_MODULES = METHOD_MODULES + ("studies/analysis.py",)
 # The studies beyond the paper: answers of several tokens, and what θ needs.
-LONG_ANSWER_MODULES = METHOD_MODULES + ("long_answers.py",)
-CONTEXT_MODULES = METHOD_MODULES + ("context.py",)
+LONG_ANSWER_MODULES = METHOD_MODULES + ("studies/long_answers.py",)
+CONTEXT_MODULES = METHOD_MODULES + ("studies/context.py",)
 
 
 @lru_cache(maxsize=None)
 def code_version(modules: tuple[str, ...] = METHOD_MODULES) -> str:
-    """Hash of the source of ``modules`` (files of the taskvec package)."""
+    """Hash of the source of ``modules`` (paths of files in the taskvec package); a path that names no
+    file is an error, so a moved module cannot silently drop out of every key."""
     here = Path(__file__).parent
     digest = hashlib.sha256()
     for name in modules:
         path = here / name
-        if path.exists():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
+        if not path.is_file():
+            raise FileNotFoundError(f"code_version: no module {name} in {here}")
+        digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

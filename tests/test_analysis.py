@@ -1,4 +1,4 @@
-"""taskvec.analysis against hand-computed values: common layer, distances, clusters, t-SNE, vocabulary read-out.
+"""taskvec.studies.analysis against hand-computed values: common layer, distances, clusters, t-SNE, vocabulary read-out.
 
 The vocabulary tests use the planted model (tests/planted.py), whose unembedding is
 known: read through the final norm, a residual vector ``h`` gives lowercase ``c`` the
@@ -17,7 +17,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from taskvec import mechanism
-from taskvec.analysis import (answer_tokens, cluster_quality, common_layer, cosine_distances, project_to_vocab,
+from taskvec.studies.analysis import (answer_tokens, cluster_quality, common_layer, cosine_distances, project_to_vocab,
                               task_vector_tokens, tsne_embedding)
 from taskvec.errors import SettingError
 from taskvec.prompts import PromptFormat

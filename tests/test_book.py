@@ -16,12 +16,13 @@ import yaml
 
 from browser import WIDTH, chromium, png_size  # noqa: F401 (chromium: a fixture)
 from glue_check import check_glue, glue_roles
-from taskvec import book, runner, sections
+from taskvec.publishing import book, runner
+from taskvec.studies import sections
 
 ROOT = Path(__file__).parent.parent
 CHART_PAGES = {"data": 1, "finding_L": 2, "accuracy": 2, "geometry": 2, "dominance": 2, "beyond": 2, "needs": 2,
                "comparison": 1}  # charts per page; every other page has none
-SELECTION_PAGES = {"finding_L", "accuracy", "geometry"}  # a legend bound to a selection (taskvec/charts.py)
+SELECTION_PAGES = {"finding_L", "accuracy", "geometry"}  # a legend bound to a selection (taskvec/publishing/charts.py)
 # The root index.html is nothing but this redirect, so the browser opens book/intro.html instead.
 INDEX_REDIRECT = re.compile(r'\s*<meta http-equiv="Refresh" content="0; url=book/intro.html" />\s*')
 MIN_SCREENSHOT_BYTES = 5000

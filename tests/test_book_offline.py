@@ -1,7 +1,7 @@
 """The book reads offline: a throwaway Jupyter Book built with the real book's _config.yml.
 
 Builds (about 10 s) a book of one markdown page and one pre-executed notebook with Altair charts,
-then checks statically (taskvec.book.check_offline) and in headless Chromium driven by Playwright
+then checks statically (taskvec.publishing.book.check_offline) and in headless Chromium driven by Playwright
 (tests/browser.py: every request outside file:/data:/blob: recorded and aborted) that every chart
 renders from the book's own files, answers the mouse (tooltip, legend selection), and that nothing
 is fetched from outside; copies of the chart page with a planted CDN script, or planted faults, prove
@@ -24,7 +24,7 @@ import yaml
 
 from browser import BLOCKED, WIDTH, chromium, png_size  # noqa: F401 (chromium: a fixture)
 from glue_check import check_glue, glue_roles, pasted_texts
-from taskvec.book import VEGA_JS, build_book, check_offline
+from taskvec.publishing.book import VEGA_JS, build_book, check_offline
 
 REPO = Path(__file__).resolve().parents[1]
 CDN = "https://cdn.jsdelivr.net/npm/vega@6"

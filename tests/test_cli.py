@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from taskvec import cli, runner
+from taskvec import cli
+
+from taskvec.publishing import runner
 from taskvec.store import Store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from taskvec import context as CX
+from taskvec.studies import context as CX
 from taskvec import mechanism
 from taskvec.errors import SettingError
 from taskvec.experiment import Protocol

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from taskvec.analysis import conflict_prompts, conflicting_tasks
+from taskvec.studies.analysis import conflict_prompts, conflicting_tasks
 from taskvec.experiment import Protocol
 from taskvec.tasks import load_task
 
@@ -49,7 +49,8 @@ def test_conflicting_layer_is_chosen_where_theta_of_b_wins(real_model):
 
 def test_a_pair_too_small_for_the_tokenizer_is_skipped_before_any_compute(tiny_gpt2, tmp_path, monkeypatch):
     """A character tokenizer has no single-token Spanish words: the pair is reported as skipped, not an error."""
-    from taskvec import mechanism, sections
+    from taskvec import mechanism
+    from taskvec.studies import sections
 
     folder = tmp_path / "model"
     tiny_gpt2.hf.save_pretrained(folder)

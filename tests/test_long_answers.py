@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from taskvec import cli, mechanism
-from taskvec import long_answers as LA
+from taskvec.studies import long_answers as LA
 from taskvec.arch import residual
 from taskvec.errors import SettingError
 from taskvec.experiment import Protocol

@@ -82,7 +82,7 @@ def test_main_experiment_on_gemma_through_the_server_equals_local(ndif_server, r
     assert remote_result.predictions["token_id"].tolist() == local_result.predictions["token_id"].tolist()
 
     # The section pages show the cached remote run beside a local one, read back without the server.
-    from taskvec import sections
+    from taskvec.studies import sections
 
     names = [t.name for t in tasks]
     shown = sections.main_results([], names, protocol, str(tmp_path), progress=False,
@@ -93,7 +93,7 @@ def test_main_experiment_on_gemma_through_the_server_equals_local(ndif_server, r
 
 def test_long_answers_on_gemma_through_the_server_equal_local(ndif_server, real_model):
     """One task of Beyond one token through the server and here: the same generated answers."""
-    from taskvec import long_answers
+    from taskvec.studies import long_answers
 
     task, protocol = load_tasks(["country_capital"])[0], Protocol(n_dev=4, n_test=4)
     far = load_model("gemma-3-270m", remote=ndif_server.host)

@@ -1,13 +1,14 @@
-"""The paper's published results (taskvec/paper_data/) load with taskvec's task names and agree with the paper."""
+"""The paper's published results (taskvec/publishing/paper_data/) load with taskvec's task names and agree with the paper."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from taskvec import paper
+from taskvec.publishing import paper
 from taskvec.tasks import list_tasks
 
 #: Paper, Table 6, to three decimals (Baseline, Hypothesis, Regular), as the published per-task means give them.
@@ -167,7 +168,7 @@ def test_loaders_return_copies():
 
 
 def test_data_lives_in_the_package():
-    assert paper.DATA_DIR.parent.name == "taskvec"
+    assert paper.DATA_DIR.parent == Path(paper.__file__).parent  # shipped beside the module (package data)
     for name in ("main_per_task.csv", "dev_accuracy_by_layer.csv", "top_tokens_at_best_layer.csv",
                  "conflicting_llama_13B.csv", "README.md"):
         assert (paper.DATA_DIR / name).is_file(), name

@@ -156,7 +156,7 @@ def test_groups_partition_the_task():
 def test_the_books_intervals_and_paired_test_read_the_planted_predictions(planted):
     """sections.intervals / hypothesis_vs_regular on the planted run: hypothesis 3 of 4, regular 4 of 4,
     baseline 2 of 5; the one prompt they disagree on is the G2 query (k), Regular right, Hypothesis wrong."""
-    from taskvec import sections, stats
+    from taskvec.studies import sections, stats
 
     result = run_main_experiment(planted, [planted_task()], SIZES, prompts={TASK: planted_prompts()}, progress=False)
     spans = sections.intervals({"planted": result}).set_index("condition")

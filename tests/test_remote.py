@@ -139,7 +139,9 @@ def test_remote_settings_as_users_write_them():
 def test_the_ndif_profile_without_a_key_fails_before_any_compute(monkeypatch):
     from nnsight import CONFIG
 
-    from taskvec import runner, sections
+    from taskvec.publishing import runner
+
+    from taskvec.studies import sections
 
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     monkeypatch.setattr(CONFIG.API, "HOST", remote.PUBLIC_HOST)
@@ -149,7 +151,7 @@ def test_the_ndif_profile_without_a_key_fails_before_any_compute(monkeypatch):
 
 
 def test_profile_remote_values_are_checked(tmp_path):
-    from taskvec import runner
+    from taskvec.publishing import runner
 
     path = tmp_path / "e.yaml"
     path.write_text("profiles:\n  p:\n    models: [gemma-3-270m]\n    remote: ndif.example\n")

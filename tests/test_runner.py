@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from taskvec import experiment, runner
+from taskvec import experiment
+
+from taskvec.publishing import runner
 from taskvec.errors import SettingError
 from taskvec.experiment import Protocol, run_main_experiment
-from taskvec.runner import ExperimentFileError, load_experiments
+from taskvec.publishing.runner import ExperimentFileError, load_experiments
 from taskvec.store import Store
 from taskvec.tasks import load_tasks
 
@@ -52,7 +54,7 @@ OK = {"models": ["gemma-3-270m"], "tasks": ["antonyms"], "protocol": {"n_dev": 2
     ({"default": "q", "profiles": {"p": OK}}, "default profile 'q' is not defined"),
     ({"profiles": {"p": {**OK, "beside": ["gpt2"]}}}, "profiles.p.beside must map model names"),
     ({"profiles": {"p": {**OK, "beside": {"gpt2": "yes"}}}}, "profiles.p.beside.gpt2 must be true, false or an http(s) URL"),
-    # checked by the schema's types (taskvec/schema.py), each at its key path
+    # checked by the schema's types (taskvec/publishing/schema.py), each at its key path
     ({"profiles": {"p": {**OK, "protocol": {"n_dev": "many"}}}},
      "profiles.p.protocol.n_dev: Input should be a valid integer, got 'many'"),
     ({"profiles": {"p": {**OK, "protocol": {"dtype": "float16"}}}}, "profiles.p.protocol.dtype: Input should be"),
@@ -89,8 +91,8 @@ def test_keys_left_empty_take_their_defaults_and_protocol_keeps_only_what_the_fi
 
 
 def test_schema_keys_are_the_runners_and_the_protocols():
-    from taskvec.schema import ProfileSpec, ProtocolSpec
-    from taskvec.sections import PROTOCOL_FIELDS
+    from taskvec.publishing.schema import ProfileSpec, ProtocolSpec
+    from taskvec.studies.sections import PROTOCOL_FIELDS
 
     assert set(ProfileSpec.model_fields) == runner.PROFILE_KEYS
     assert set(ProtocolSpec.model_fields) == PROTOCOL_FIELDS
@@ -111,13 +113,13 @@ def test_experiment_file_page_is_current():
 
 def test_unknown_notebook_parameter_is_rejected_before_compute(tmp_path, monkeypatch):
     path = write_yaml(tmp_path, {"profiles": {"p": {**OK, "sections": {"geometry": {"perplexty": 5}}}}})
-    monkeypatch.setattr("taskvec.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr("taskvec.studies.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
     with pytest.raises(SettingError, match="geometry.ipynb has no parameter.*perplexty"):
         runner.run("p", path, book_root=tmp_path, build=False, log=lambda *_: None)
 
 
 def test_bad_protocol_value_and_unknown_model_are_rejected_before_compute(tmp_path, monkeypatch):
-    monkeypatch.setattr("taskvec.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr("taskvec.studies.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
     path = write_yaml(tmp_path, {"profiles": {"p": {**OK, "protocol": {"n_dev": 0}}}})
     with pytest.raises(SettingError, match="Protocol.n_dev must be >= 1"):
         runner.run("p", path, book_root=tmp_path, build=False, log=lambda *_: None)
@@ -139,7 +141,7 @@ def test_bad_protocol_value_and_unknown_model_are_rejected_before_compute(tmp_pa
     ("needs", {}, None),  # the defaults: those of the six default tasks the profile runs (here two)
 ])
 def test_bad_section_values_are_rejected_before_compute(tmp_path, monkeypatch, section, params, problem):
-    monkeypatch.setattr("taskvec.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr("taskvec.studies.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
     profile = {**OK, "tasks": ["antonyms", "next_letter"], "sections": {section: params}}
     path = write_yaml(tmp_path, {"profiles": {"p": profile}})
     if problem is None:  # accepted: the run goes on to compute (here: to the patched-out main experiment)
@@ -221,7 +223,7 @@ def fake_book(tmp_path, monkeypatch, profile: dict) -> tuple[list[str], Path]:
     no compute), and a copy of the tasks folder in ``tmp_path`` (``TASKVEC_TASKS``) to edit."""
     shutil.copytree(ROOT / "tasks", tmp_path / "tasks")
     monkeypatch.setenv("TASKVEC_TASKS", str(tmp_path / "tasks"))
-    monkeypatch.setattr("taskvec.sections.main_results", lambda *a, **k: {})
+    monkeypatch.setattr("taskvec.studies.sections.main_results", lambda *a, **k: {})
     executed = []
 
     def execute(notebook, output, params, key, cwd):
@@ -299,7 +301,7 @@ def test_results_keys_are_the_keys_the_main_experiment_writes(tiny_gpt2, tmp_pat
 
 def test_runs_beside_appear_once_cached_and_are_never_computed(tiny_gpt2, tmp_path, monkeypatch):
     """A profile's ``beside`` runs (e.g. NDIF runs of the paper's models) are read from the cache or left out."""
-    from taskvec import sections
+    from taskvec.studies import sections
 
     folder = tmp_path / "model"
     tiny_gpt2.hf.save_pretrained(folder)

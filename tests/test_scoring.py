@@ -109,7 +109,7 @@ def test_a_skipped_task_is_cached_so_a_warm_rerun_loads_no_model(tiny_gpt2, tmp_
 
 def test_saturated_tasks_are_read_at_the_common_layer_outside_the_main_experiment():
     from taskvec.experiment import MainResult
-    from taskvec.sections import analysis_layers
+    from taskvec.studies.sections import analysis_layers
 
     acc = pd.DataFrame({"task": ["list_first", "a", "b", "c", "skipped"],
                         "best_layer": [2, 9, 11, 10, -1],

@@ -1,4 +1,4 @@
-"""Intervals and paired tests (taskvec.stats) against values computed by hand."""
+"""Intervals and paired tests (taskvec.studies.stats) against values computed by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from taskvec import stats
+from taskvec.studies import stats
 
 
 def test_wilson_matches_the_formula():

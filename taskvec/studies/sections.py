@@ -18,14 +18,14 @@ from typing import Sequence
 import pandas as pd
 
 from . import analysis, stats
-from .errors import SettingError
-from .experiment import MainResult, Protocol, main_keys, run_main_experiment
-from .models import TaskModel, load_model, placement
-from .prompts import TooFewExamples
-from .remote import is_remote
-from .remote import setting as remote_setting
-from .store import ANALYSIS_MODULES, Store, make_key, model_fingerprint
-from .tasks import load_task, load_tasks
+from ..errors import SettingError
+from ..experiment import MainResult, Protocol, main_keys, run_main_experiment
+from ..models import TaskModel, load_model, placement
+from ..prompts import TooFewExamples
+from ..remote import is_remote
+from ..remote import setting as remote_setting
+from ..store import ANALYSIS_MODULES, Store, make_key, model_fingerprint
+from ..tasks import load_task, load_tasks
 
 PROTOCOL_FIELDS = {f.name for f in fields(Protocol)}
 
@@ -150,7 +150,7 @@ def averages(results: dict[str, MainResult]) -> pd.DataFrame:
 
 def intervals(results: dict[str, MainResult]) -> pd.DataFrame:
     """Per model, task and condition: accuracy, n prompts and its 95% Wilson interval (lo, hi),
-    with the task's category, format, best layer and saturation (see :mod:`taskvec.stats`)."""
+    with the task's category, format, best layer and saturation (see :mod:`taskvec.studies.stats`)."""
     frames = []
     for name, result in results.items():
         if result.predictions.empty:
@@ -205,7 +205,7 @@ def analysis_layers(result: MainResult) -> tuple[dict[str, int], int]:
 
     A task's own best dev layer, except for saturated tasks (the query alone already does them,
     so their flat dev curve makes the argmax arbitrary): they use the common layer, the median
-    best layer of the other tasks (:func:`taskvec.analysis.common_layer`).
+    best layer of the other tasks (:func:`taskvec.studies.analysis.common_layer`).
     """
     acc = result.accuracy.set_index("task")
     common = analysis.common_layer(acc["best_layer"], acc["saturated"])
@@ -235,7 +235,7 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
 
     The layer θ_B is patched at is chosen per pair on ``n_dev`` dev prompts of the conflicting
     setting itself (accuracy w.r.t. B), then the table is scored on ``n_prompts`` test prompts.
-    Returns ``table`` and ``dev_curve`` (see :func:`taskvec.analysis.conflicting_tasks`), and
+    Returns ``table`` and ``dev_curve`` (see :func:`taskvec.studies.analysis.conflicting_tasks`), and
     ``skipped``: the pairs this model's tokenizer leaves too few shared single-token examples for one
     prompt (found before any forward pass), with the reason.
     """
@@ -339,7 +339,7 @@ def answer_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
 
 def long_answers(name: str, tasks: str | Sequence[str], protocol: Protocol, max_new_tokens: int, n_dev: int,
                  n_test: int, cache_dir: str | None = None, remote: bool | str = False):
-    """Beyond one token on model ``name`` (:func:`taskvec.long_answers.run`, cached per task): the
+    """Beyond one token on model ``name`` (:func:`taskvec.studies.long_answers.run`, cached per task): the
     protocol's shots, dummies, seed and format with ``n_dev`` dev and ``n_test`` test prompts."""
     from . import long_answers as study
 
@@ -352,7 +352,7 @@ def long_answers(name: str, tasks: str | Sequence[str], protocol: Protocol, max_
 
 def theta_needs(name: str, result: MainResult, tasks: str | Sequence[str], sizes, cache_dir: str | None = None,
                 remote: bool | str = False):
-    """What θ needs on model ``name`` (:func:`taskvec.context.run`, cached per task), at each task's
+    """What θ needs on model ``name`` (:func:`taskvec.studies.context.run`, cached per task), at each task's
     analysis layer from the main experiment (:func:`analysis_layers`); ``tasks`` the main experiment
     skipped (too few single-token examples) are left out."""
     from . import context as study
@@ -400,7 +400,7 @@ def check_beyond(params: dict) -> list[str]:
 
 def check_needs(params: dict):
     """The What θ needs page's parameters, checked before any compute; returns (models it runs on, tasks,
-    sizes). ``needs_tasks`` empty: :data:`taskvec.context.DEFAULT_TASKS`, those the main experiment runs."""
+    sizes). ``needs_tasks`` empty: :data:`taskvec.studies.context.DEFAULT_TASKS`, those the main experiment runs."""
     from .context import DEFAULT_TASKS, Sizes
 
     sizes = Sizes(tuple(params["shots"]), tuple(params["contexts"]), params["n_prompts"], params["pool"],

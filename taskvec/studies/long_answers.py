@@ -21,14 +21,14 @@ from typing import Sequence
 import pandas as pd
 from tqdm import tqdm
 
-from . import mechanism
-from .errors import SettingError
-from .experiment import Protocol, Scorer, model_identity, read_records, write_records
-from .models import TaskModel, load_model
-from .prompts import PromptFormat, sample_prompts
-from .remote import where as remote_where
-from .store import LONG_ANSWER_MODULES, Store, make_key
-from .tasks import Example, Task
+from .. import mechanism
+from ..errors import SettingError
+from ..experiment import Protocol, Scorer, model_identity, read_records, write_records
+from ..models import TaskModel, load_model
+from ..prompts import PromptFormat, sample_prompts
+from ..remote import where as remote_where
+from ..store import LONG_ANSWER_MODULES, Store, make_key
+from ..tasks import Example, Task
 
 CONDITIONS = ("baseline", "hypothesis", "regular")
 

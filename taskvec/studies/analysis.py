@@ -16,12 +16,12 @@ import torch
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
-from . import mechanism
-from .errors import SettingError
-from .experiment import Protocol, Scorer, single_token_examples
-from .models import TaskModel
-from .prompts import sample_prompts
-from .tasks import Example, Task
+from .. import mechanism
+from ..errors import SettingError
+from ..experiment import Protocol, Scorer, single_token_examples
+from ..models import TaskModel
+from ..prompts import sample_prompts
+from ..tasks import Example, Task
 
 
 def common_layer(best_layers: pd.Series, saturated: pd.Series | None = None) -> int:

@@ -23,14 +23,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import mechanism
-from .errors import SettingError
-from .experiment import Protocol, Scorer, model_identity, read_records, single_token_examples, write_records
-from .models import TaskModel, load_model
-from .prompts import TooFewExamples, sample_prompts
-from .remote import where as remote_where
-from .store import CONTEXT_MODULES, Store, make_key
-from .tasks import Task
+from .. import mechanism
+from ..errors import SettingError
+from ..experiment import Protocol, Scorer, model_identity, read_records, single_token_examples, write_records
+from ..models import TaskModel, load_model
+from ..prompts import TooFewExamples, sample_prompts
+from ..remote import where as remote_where
+from ..store import CONTEXT_MODULES, Store, make_key
+from ..tasks import Task
 
 SHOTS = (1, 2, 3, 5, 8, 12)
 CONTEXTS = (1, 2, 4, 8, 16)

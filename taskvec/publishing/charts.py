@@ -1,6 +1,6 @@
 """Altair charts for the book: one function per figure, interactive (tooltips, legend selection).
 
-Charts take the tidy tables from :mod:`taskvec.sections` and know nothing the tables do
+Charts take the tidy tables from :mod:`taskvec.studies.sections` and know nothing the tables do
 not say (layer counts, task names and categories all come from the data).
 """
 
@@ -57,7 +57,7 @@ def finding_layer(curves: pd.DataFrame) -> alt.Chart:
 
 def accuracy_bars(intervals: pd.DataFrame) -> alt.Chart:
     """Fig. 2: Baseline / Hypothesis / Regular accuracy per task with 95% Wilson intervals (black
-    rules), one panel per model; ``intervals`` is :func:`taskvec.sections.intervals`."""
+    rules), one panel per model; ``intervals`` is :func:`taskvec.studies.sections.intervals`."""
     tasks = list(dict.fromkeys(intervals["task"]))
     data = intervals.assign(task=task_labels(intervals), order=intervals["task"].map(tasks.index),
                             condition=intervals["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
@@ -206,7 +206,7 @@ def dominance_bars(table: pd.DataFrame) -> alt.Chart:
 
 def comparison_dots(table: pd.DataFrame, spans: pd.DataFrame | None = None) -> alt.Chart:
     """Mean accuracy per model and condition: this run (filled, with its 95% interval from ``spans``,
-    :func:`taskvec.sections.mean_intervals`) beside the paper's Table 6 (hollow)."""
+    :func:`taskvec.studies.sections.mean_intervals`) beside the paper's Table 6 (hollow)."""
     long = table.melt(id_vars=["source", "model"], value_vars=CONDITIONS, var_name="condition", value_name="accuracy")
     long["condition"] = long["condition"].map(CONDITION_NAMES)
     order = list(dict.fromkeys(table["model"]))
@@ -253,7 +253,7 @@ def dominance_layers(curve: pd.DataFrame) -> alt.Chart:
 
 def format_effect(both: pd.DataFrame) -> alt.Chart:
     """Each word task's accuracy written bare (hollow) and as the format rule writes it (filled), with 95%
-    intervals, one panel per condition; ``both`` is :func:`taskvec.sections.intervals` of the two runs with a
+    intervals, one panel per condition; ``both`` is :func:`taskvec.studies.sections.intervals` of the two runs with a
     ``written`` column ("bare" or "rule")."""
     data = both.assign(condition=both["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
     order = list(dict.fromkeys(data["task"]))
@@ -278,7 +278,7 @@ CONDITION_LABELS = {"baseline": "Baseline", "hypothesis": "Hypothesis", "regular
 
 def first_vs_full(table: pd.DataFrame) -> alt.Chart:
     """Per task and condition: first-token accuracy (open circle) and full-answer accuracy (filled), joined
-    by a line; one panel per model. ``table``: :func:`taskvec.long_answers.accuracy_table` with ``model``."""
+    by a line; one panel per model. ``table``: :func:`taskvec.studies.long_answers.accuracy_table` with ``model``."""
     data = table.assign(condition=table["condition"].map(CONDITION_LABELS),
                         label=table["task"] + " (" + table["answer_tokens"].round(1).astype(str) + " tok)")
     y = alt.Y("label:N", title="task (mean answer length in tokens)", sort=alt.SortField("answer_tokens"))
@@ -301,7 +301,7 @@ def first_vs_full(table: pd.DataFrame) -> alt.Chart:
 
 def by_length(table: pd.DataFrame) -> alt.Chart:
     """Full-answer (solid) and first-token (dashed) accuracy against the answer's length in tokens, pooled
-    over tasks, per condition and model. ``table``: :func:`taskvec.long_answers.by_length` with ``model``."""
+    over tasks, per condition and model. ``table``: :func:`taskvec.studies.long_answers.by_length` with ``model``."""
     data = table.assign(condition=table["condition"].map(CONDITION_LABELS)).melt(
         id_vars=["model", "length", "length_label", "condition", "n"], value_vars=["full_answer_acc", "first_token_acc"],
         var_name="metric", value_name="accuracy")
@@ -317,32 +317,26 @@ def by_length(table: pd.DataFrame) -> alt.Chart:
 
 
 def _curve(summary: pd.DataFrame, x: str, title: str, log: bool) -> alt.Chart:
-    """Accuracy against ``x`` per condition: one thin line per task, the mean over tasks thick; click a task."""
+    """Accuracy against ``x`` per condition: one thin line per task (its name in the tooltip), the mean
+    over tasks thick."""
     data = summary.assign(condition=summary["condition"].map(CONDITION_LABELS))
     tasks, mean = data[data["task"] != "mean"], data[data["task"] == "mean"]
-    pick = alt.selection_point(fields=["task"], bind="legend")
     scale = alt.Scale(type="log", base=2) if log else alt.Scale(zero=False)
-    xs = sorted(data[x].unique())
-    axis = alt.Axis(values=[int(v) for v in xs], format="d")
-    thin = alt.Chart(tasks).mark_line(strokeWidth=1).encode(
+    axis = alt.Axis(values=[int(v) for v in sorted(data[x].unique())], format="d")
+    color = alt.Color("condition:N", scale=CONDITION_COLORS, legend=alt.Legend(orient="top"))
+    thin = alt.Chart(tasks).mark_line(strokeWidth=1, opacity=0.35, point=alt.OverlayMarkDef(size=14, opacity=0.35)).encode(
         x=alt.X(f"{x}:Q", title=title, scale=scale, axis=axis),
-        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("condition:N", scale=CONDITION_COLORS, legend=alt.Legend(orient="top")),
-        detail="task:N", shape=alt.Shape("task:N", legend=alt.Legend(title="task (click)", orient="bottom", columns=4,
-                                                                     labelLimit=160)),
-        opacity=alt.condition(pick, alt.value(0.8), alt.value(0.1)),
-        tooltip=["model:N", "task:N", "condition:N", f"{x}:Q", alt.Tooltip("accuracy:Q", format=".2f")],
-    ).add_params(pick)
-    thin = thin + thin.mark_point(size=20)
-    thick = alt.Chart(mean).mark_line(strokeWidth=4, point=True).encode(
-        x=f"{x}:Q", y="accuracy:Q", color=alt.Color("condition:N", scale=CONDITION_COLORS),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color=color, detail="task:N",
+        tooltip=["model:N", "task:N", "condition:N", f"{x}:Q", alt.Tooltip("accuracy:Q", format=".2f")])
+    thick = alt.Chart(mean).mark_line(strokeWidth=4, point=alt.OverlayMarkDef(size=50)).encode(
+        x=f"{x}:Q", y="accuracy:Q", color=color,
         tooltip=["model:N", "condition:N", f"{x}:Q", alt.Tooltip("accuracy:Q", title="mean over tasks", format=".2f")])
     return alt.layer(thin, thick).properties(width=300, height=220)
 
 
 def shots_curve(summary: pd.DataFrame) -> alt.Chart:
-    """Hypothesis and Regular accuracy against the number of demonstrations, per task (thin) and the mean
-    (thick); one panel per model. ``summary``: :func:`taskvec.context.curve_summary` with ``model``."""
+    """Hypothesis and Regular accuracy against the number of demonstrations, per task (thin; hover for its
+    name) and the mean (thick); one panel per model. ``summary``: :func:`taskvec.studies.context.curve_summary` with ``model``."""
     return alt.hconcat(*[_curve(group, "shots", f"demonstrations in the prompt ({m})", log=False)
                          for m, group in summary.groupby("model", sort=False)])
 

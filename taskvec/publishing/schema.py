@@ -1,4 +1,4 @@
-"""The experiment file (``experiments.yaml``) as typed models: what :func:`taskvec.runner.load_experiments`
+"""The experiment file (``experiments.yaml``) as typed models: what :func:`taskvec.publishing.runner.load_experiments`
 validates against, and what ``scripts/experiments_doc.py`` documents (``book/experiments.md``).
 
 Every problem is reported at its key path (``profiles.p.protocol.n_dev``); the runner adds the file's
@@ -8,7 +8,7 @@ after a colon (``profiles.p.tasks: unknown task(s) antonym``).
 
 Names that live elsewhere are read when a file is validated, not when this module is imported: task
 names (:func:`taskvec.tasks.all_tasks`, which follows ``TASKVEC_TASKS``), and the section notebooks and
-the parameters every notebook shares (``taskvec.runner.NOTEBOOKS`` and ``COMMON``; the runner imports
+the parameters every notebook shares (``taskvec.publishing.runner.NOTEBOOKS`` and ``COMMON``; the runner imports
 this module).
 """
 
@@ -24,8 +24,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       StringConstraints, ValidationError, WrapValidator, create_model, model_validator)
 from pydantic_core import PydanticCustomError
 
-from .errors import SettingError
-from .experiment import DTYPES, PREFIX_RULES, WORD_FORMATS, Protocol
+from ..errors import SettingError
+from ..experiment import DTYPES, PREFIX_RULES, WORD_FORMATS, Protocol
 
 #: Prefix of the error types raised here (the others are pydantic's own, about types and shapes).
 ERROR_TYPE = "taskvec_"
@@ -130,7 +130,7 @@ ProtocolSpec = _protocol_model()
 # --- a profile --------------------------------------------------------------------------------------------
 
 def _known_tasks(tasks: list[str]) -> list[str]:
-    from .tasks import all_tasks
+    from ..tasks import all_tasks
 
     known = set(all_tasks())
     unknown = [t for t in tasks if t not in known]

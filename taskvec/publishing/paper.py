@@ -2,7 +2,7 @@
 
 Hendel, Geva, Globerson 2023, Table 6 means over the 18 tasks, and Table 2 (LLaMA 13B); and, as data, the
 per-task, per-layer and conflicting-task results the authors published with their code
-(``taskvec/paper_data/``, see its README), with loaders that give taskvec's task names:
+(``taskvec/publishing/paper_data/``, see its README), with loaders that give taskvec's task names:
 :func:`per_task`, :func:`dev_curves`, :func:`top_tokens`, :func:`conflicting`.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import TaskvecError
+from ..errors import TaskvecError
 
 #: Paper, Table 6: mean accuracy over the 18 tasks (Baseline / Hypothesis / Regular).
 TABLE6_AVERAGES = pd.DataFrame(
@@ -37,7 +37,7 @@ TABLE2_SUMMARY = {"regular_on_a": (0.51, 0.98), "conflicting_on_b": (0.74, 0.97)
                   "translation_pair": {"acc_a": 0.91, "acc_b": 0.07}}
 
 
-# --- The authors' published per-task / per-layer results (taskvec/paper_data/) ----------------------------
+# --- The authors' published per-task / per-layer results (taskvec/publishing/paper_data/) ----------------------------
 
 #: Where the per-task, per-layer and conflicting-task numbers come from, for chart captions.
 SOURCE = ("Hendel, Geva & Globerson (2023), result files published with the authors' code "
@@ -75,7 +75,7 @@ DATA_DIR = Path(__file__).parent / "paper_data"
 
 
 class PaperDataError(TaskvecError, ValueError):
-    """A file under taskvec/paper_data/ that does not have the expected content."""
+    """A file under taskvec/publishing/paper_data/ that does not have the expected content."""
 
 
 def to_taskvec_name(original: str) -> str:
@@ -84,8 +84,8 @@ def to_taskvec_name(original: str) -> str:
         return ORIGINAL_TO_TASKVEC[original]
     except KeyError:
         raise PaperDataError(
-            f"task {original!r} in taskvec/paper_data/ has no taskvec name; add it to "
-            f"taskvec.paper.ORIGINAL_TO_TASKVEC") from None
+            f"task {original!r} in taskvec/publishing/paper_data/ has no taskvec name; add it to "
+            f"taskvec.publishing.paper.ORIGINAL_TO_TASKVEC") from None
 
 
 def _read(name: str) -> pd.DataFrame:

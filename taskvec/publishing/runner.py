@@ -29,20 +29,20 @@ from typing import Any, Sequence
 
 import yaml
 
-from . import remote
-from .errors import SettingError, TaskvecError
-from .experiment import Protocol, main_keys
-from .store import code_version, make_key
-from .tasks import all_tasks, load_tasks
+from .. import remote
+from ..errors import SettingError, TaskvecError
+from ..experiment import Protocol, main_keys
+from ..store import code_version, make_key
+from ..tasks import all_tasks, load_tasks
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: The package whose every module a notebook may import.
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]
 #: Section notebooks in reading order; the last two read what the others produced.
 NOTEBOOKS = ("data", "finding_L", "accuracy", "geometry", "dominance", "interpretation", "beyond", "needs", "comparison",
              "provenance")
 COMMON = ("models", "tasks", "protocol", "cache_dir", "remote", "beside")
-#: The keys of a profile (taskvec.schema.ProfileSpec).
+#: The keys of a profile (taskvec.publishing.schema.ProfileSpec).
 PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections", "remote", "beside"}
 
 
@@ -67,7 +67,7 @@ class Profile:
 
 
 def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
-    """Parse and validate an experiment file (against :class:`taskvec.schema.ExperimentFile`):
+    """Parse and validate an experiment file (against :class:`taskvec.publishing.schema.ExperimentFile`):
     returns (default profile name, profiles). Every problem found is reported, one per line, each
     naming the file and the key path."""
     from pydantic import ValidationError
@@ -107,9 +107,9 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 
 def check_parameters(profile: Profile, nb_dir: Path) -> None:
     """Reject, before any compute, every parameter a notebook does not declare, and bad values of the
-    sections that check theirs (:data:`taskvec.sections.CHECKS`, given the notebook's defaults merged
+    sections that check theirs (:data:`taskvec.studies.sections.CHECKS`, given the notebook's defaults merged
     with the profile's settings)."""
-    from .sections import CHECKS
+    from ..studies.sections import CHECKS
 
     for notebook in NOTEBOOKS:
         path = nb_dir / f"{notebook}.ipynb"
@@ -211,8 +211,8 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
     """
     from tqdm.auto import tqdm
 
-    from . import sections
-    from .models import resolve_source
+    from ..studies import sections
+    from ..models import resolve_source
 
     default, profiles = load_experiments(experiments)
     name = profile_name or default
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: say what is kept instead of a traceback
-        from .store import Store
+        from ..store import Store
 
         print(f"\ninterrupted: finished tasks are in the results cache at {Store(ns.cache_dir or None).root} and "
               f"finished notebooks in {ROOT / 'book' / 'sections'};\nrerunning the same command resumes from there",
