@@ -311,8 +311,8 @@ def by_length(table: pd.DataFrame) -> alt.Chart:
                                                                               key=lambda s: int(s.rstrip("+")))),
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("condition:N", scale=CONDITION_COLORS, legend=alt.Legend(orient="top")),
-        strokeDash=alt.StrokeDash("metric:N", sort=["full answer", "first token"],
-                                  legend=alt.Legend(orient="top", symbolType="stroke", symbolStrokeColor="black")),
+        # Solid full answer, dashed first token: the caption says so (a dash legend draws blank here).
+        strokeDash=alt.StrokeDash("metric:N", sort=["full answer", "first token"], legend=None),
         tooltip=["model:N", "condition:N", "metric:N", "length_label:N", alt.Tooltip("accuracy:Q", format=".2f"), "n:Q"],
     ).properties(width=300, height=200).facet(column=alt.Column("model:N", title=None))
 
