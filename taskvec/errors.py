@@ -8,3 +8,10 @@ class TaskvecError(Exception):
 
 class SettingError(TaskvecError, ValueError):
     """An experiment setting, prompt format or prompt file that cannot be used."""
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` when it is an integer >= 1 (not a bool), else a SettingError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingError(f"{name} must be an integer >= 1, got {value!r}")
+    return value

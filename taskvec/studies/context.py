@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .. import mechanism
-from ..errors import SettingError
+from ..errors import SettingError, positive_int
 from ..experiment import Protocol, Scorer, model_identity, read_records, single_token_examples, write_records
 from ..models import TaskModel, load_model
 from ..prompts import TooFewExamples, sample_prompts
@@ -157,9 +157,7 @@ class Sizes:
         object.__setattr__(self, "shots", tuple(check_counts("shots", self.shots)))
         object.__setattr__(self, "contexts", tuple(check_counts("contexts", self.contexts)))
         for name in ("n_prompts", "pool", "max_groups", "n_queries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SettingError(f"{name} must be an integer >= 1, got {value!r}")
+            positive_int(name, getattr(self, name))
         if max(self.contexts) > self.pool:
             raise SettingError(f"the largest context count ({max(self.contexts)}) exceeds pool ({self.pool})")
 

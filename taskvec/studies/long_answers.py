@@ -22,7 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .. import mechanism
-from ..errors import SettingError
+from ..errors import positive_int
 from ..experiment import Protocol, Scorer, model_identity, read_records, write_records
 from ..models import TaskModel, load_model
 from ..prompts import PromptFormat, sample_prompts
@@ -35,9 +35,7 @@ CONDITIONS = ("baseline", "hypothesis", "regular")
 
 def check_max_new_tokens(value) -> int:
     """``max_new_tokens`` as an int >= 1, or a SettingError that names it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SettingError(f"max_new_tokens must be an integer >= 1, got {value!r}")
-    return value
+    return positive_int("max_new_tokens", value)
 
 
 def answer_text(tokenizer, ids, separator: str) -> str:

@@ -18,7 +18,7 @@ from typing import Sequence
 import pandas as pd
 
 from . import analysis, stats
-from ..errors import SettingError
+from ..errors import SettingError, positive_int
 from ..experiment import MainResult, Protocol, main_keys, run_main_experiment
 from ..models import TaskModel, load_model, placement
 from ..prompts import TooFewExamples
@@ -345,7 +345,7 @@ def long_answers(name: str, tasks: str | Sequence[str], protocol: Protocol, max_
 
     proto = replace(protocol, n_dev=n_dev, n_test=n_test)
     setting = remote_setting(remote)
-    return study.run(name, load_tasks(as_list(tasks)), proto, study.check_max_new_tokens(max_new_tokens),
+    return study.run(name, load_tasks(as_list(tasks)), proto, max_new_tokens,
                      store_for(cache_dir), loader=lambda n: model(n, setting, protocol.dtype), remote=setting,
                      progress=False)
 
@@ -379,19 +379,13 @@ def _run_on(params: dict) -> list[str]:
     return chosen or models
 
 
-def _count(params: dict, name: str) -> int:
-    value = params[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SettingError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def check_beyond(params: dict) -> list[str]:
     """The Beyond one token page's parameters, checked before any compute; returns the models it runs on."""
     from .long_answers import check_max_new_tokens
 
     check_max_new_tokens(params["max_new_tokens"])
-    _count(params, "n_dev"), _count(params, "n_test")
+    for name in ("n_dev", "n_test"):
+        positive_int(name, params[name])
     if not as_list(params["long_tasks"]):
         raise SettingError("long_tasks must name at least one task")
     load_tasks(as_list(params["long_tasks"]))  # an unknown name is an error here
