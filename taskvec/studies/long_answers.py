@@ -160,13 +160,6 @@ def by_length(predictions: pd.DataFrame, longest: int = 5) -> pd.DataFrame:
     return table
 
 
-def hypothesis_share(table: pd.DataFrame) -> pd.DataFrame:
-    """Per answer length: Hypothesis as a share of Regular (full answers), where Regular is above zero."""
-    wide = table.pivot(index="length", columns="condition", values="full_answer_acc")
-    share = (wide["hypothesis"] / wide["regular"]).where(wide["regular"] > 0)
-    return share.rename("hypothesis_over_regular").reset_index()
-
-
 
 @dataclass
 class LongAnswers:
