@@ -62,9 +62,30 @@ def _store(ns: argparse.Namespace):
     return None if ns.no_cache else Store(ns.cache_dir or None)
 
 
+def _model_and_loader(ns: argparse.Namespace, store):
+    """The model for a run and how to load it: with the cache it is passed by name and loads only if some
+    task is not cached yet. A remote run without a key for the public host fails here, before any compute."""
+    from .models import load_model
+
+    if remote.is_remote(ns.remote):
+        remote.check_setup(ns.remote, ns.model)
+
+    def loader(name: str):
+        return load_model(name, remote=ns.remote)
+
+    return (ns.model if store else loader(ns.model)), loader
+
+
+def _write_tables(out: Path, result) -> None:
+    """The accuracy, dev-curve and prediction tables of a run, as CSV files in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    result.accuracy.to_csv(out / "accuracy.csv", index=False)
+    result.dev_curve.to_csv(out / "dev_curve.csv", index=False)
+    result.predictions.to_csv(out / "predictions.csv", index=False)
+
+
 def cmd_main(ns: argparse.Namespace) -> int:
     from .experiment import run_main_experiment
-    from .models import load_model
     from .prompts import read_jsonl
 
     protocol = _protocol(ns)
@@ -87,21 +108,11 @@ def cmd_main(ns: argparse.Namespace) -> int:
                    for name, s in loaded.items()}
     start = time.perf_counter()
     store = _store(ns)
-    if remote.is_remote(ns.remote):
-        remote.check_setup(ns.remote, ns.model)  # no key for the public host: fail before any compute
-
-    def loader(name: str):
-        return load_model(name, remote=ns.remote)
-
-    # With the cache the model is passed by name: it loads only if some task is not cached yet.
-    model = ns.model if store else loader(ns.model)
+    model, loader = _model_and_loader(ns, store)
     result = run_main_experiment(model, tasks, protocol, prompts=prompts, store=store, loader=loader,
                                  remote=ns.remote)
     out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result.accuracy.to_csv(out / "accuracy.csv", index=False)
-    result.dev_curve.to_csv(out / "dev_curve.csv", index=False)
-    result.predictions.to_csv(out / "predictions.csv", index=False)
+    _write_tables(out, result)
     meta = {**result.meta, "model": result.model, "n_layers": result.n_layers,
             "seconds": round(time.perf_counter() - start, 1)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -116,7 +127,6 @@ def cmd_main(ns: argparse.Namespace) -> int:
 def _long_answers(ns: argparse.Namespace, protocol: Protocol, tasks) -> int:
     """``main --max-new-tokens N``: answers generated up to N tokens, scored on the first token and whole."""
     from .studies import long_answers
-    from .models import load_model
 
     if ns.prompts:
         raise TaskvecError("--prompts and --max-new-tokens do not go together: the long-answer experiment samples "
@@ -124,19 +134,10 @@ def _long_answers(ns: argparse.Namespace, protocol: Protocol, tasks) -> int:
     long_answers.check_max_new_tokens(ns.max_new_tokens)
     start = time.perf_counter()
     store = _store(ns)
-    if remote.is_remote(ns.remote):
-        remote.check_setup(ns.remote, ns.model)
-
-    def loader(name: str):
-        return load_model(name, remote=ns.remote)
-
-    model = ns.model if store else loader(ns.model)
+    model, loader = _model_and_loader(ns, store)
     result = long_answers.run(model, tasks, protocol, ns.max_new_tokens, store=store, loader=loader, remote=ns.remote)
     out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result.accuracy.to_csv(out / "accuracy.csv", index=False)
-    result.dev_curve.to_csv(out / "dev_curve.csv", index=False)
-    result.predictions.to_csv(out / "predictions.csv", index=False)
+    _write_tables(out, result)
     (out / "meta.json").write_text(json.dumps({"model": result.model, "max_new_tokens": ns.max_new_tokens,
                                                "protocol": {f.name: getattr(protocol, f.name) for f in fields(Protocol)},
                                                "task_seconds": result.seconds,
