@@ -111,6 +111,7 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, max_new_tokens: i
     }
     examples = [q.query for q in test]
     lengths = [answer_tokens(model.tokenizer, fmt, ex) for ex in examples]
+    stops = set(mechanism.stop_token_ids(model, separator))  # generate keeps the token that ended an answer
     rows = []
     for condition in CONDITIONS:
         outputs = generated[condition]
@@ -119,7 +120,7 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, max_new_tokens: i
             text = answer_text(model.tokenizer, ids, separator)
             rows.append({"task": task.name, "condition": condition, "prompt": i, "query": ex.input,
                          "expected": ex.output, "answer_tokens": lengths[i], "generated": text,
-                         "n_generated": len(ids), "stopped": separator in model.tokenizer.decode(ids),
+                         "n_generated": len(ids), "stopped": ids[-1] in stops,
                          "first_token_correct": bool(firsts[i]), "full_correct": full_match(text, ex)})
     return LongAnswerResult(task=task.name, best_layer=best, dev_accuracy=dev_accuracy,
                             predictions=pd.DataFrame(rows), seconds=time.perf_counter() - start, format=fmt.name)
