@@ -42,19 +42,20 @@ bench: $(STAMP)
 clean:
 	rm -rf results .pytest_cache
 
-# A local, CPU-only NDIF server (scripts/ndif_local.py: the real ndif server, its venvs cached under
-# ~/.cache/taskvec/ndif or $TASKVEC_CACHE/ndif) serving the embedded MODEL at http://127.0.0.1:NDIF_PORT,
-# every file of it in NDIF_DIR. `make test` installs it too (the tests start and stop their own).
+# A local, CPU-only NDIF server (scripts/ndif_local.py, the package scripts/ndif_local/: the real ndif
+# server, its venvs cached under ~/.cache/taskvec/ndif or $TASKVEC_CACHE/ndif) serving the embedded MODEL
+# at http://127.0.0.1:NDIF_PORT, every file of it in NDIF_DIR. The harness runs on the project's venv
+# (psutil). `make test` installs it too (the tests start and stop their own).
 NDIF_DIR ?= /tmp/taskvec-ndif
 NDIF_PORT ?= 8001
 
-ndif-install:
-	$(PYTHON) scripts/ndif_local.py install
+ndif-install: $(STAMP)
+	$(PY) scripts/ndif_local.py install
 
 ndif-start: $(STAMP) ndif-install
 	$(PY) scripts/ndif_local.py start --dir $(NDIF_DIR) --api-port $(NDIF_PORT)
 	$(PY) scripts/ndif_local.py deploy --dir $(NDIF_DIR) \
 		"$$($(PY) -c 'from taskvec.models import embedded_path; print(embedded_path("$(MODEL)")[0])')"
 
-ndif-stop:
-	$(PYTHON) scripts/ndif_local.py stop --dir $(NDIF_DIR)
+ndif-stop: $(STAMP)
+	$(PY) scripts/ndif_local.py stop --dir $(NDIF_DIR)

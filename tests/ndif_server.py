@@ -1,6 +1,6 @@
 """A real NDIF server for tests: the session fixture ``ndif_server``.
 
-The stack (moto, redis, a Ray head, the NDIF API; see scripts/ndif_local.py) runs CPU-only on this machine
+The stack (moto, redis, a Ray head, the NDIF API; see scripts/ndif_local/) runs CPU-only on this machine
 and serves two models by their local folders:
 
     "tiny"   conftest.py's tiny_model("llama"): a random 4-layer Llama (d_model 32), character tokenizer
@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "ndif_local.py"
+SCRIPT = ROOT / "scripts" / "ndif_local.py"  # the command line of the package scripts/ndif_local/
 MAX_RUNDIR = 45  # Ray keeps unix sockets under RUNDIR/ray/session_*/sockets (at most 107 bytes a path)
 
 
