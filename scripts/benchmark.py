@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from taskvec import Protocol, list_tasks, load_model, load_tasks, run_main_experiment
-from taskvec.mechanism import USAGE
+from taskvec.mechanism import track_usage
 from taskvec.models import resolve_source
 
 TARGET_SECONDS, TARGET_RSS_GB = 240, 3.0
@@ -76,9 +76,9 @@ def main() -> None:
     t0 = time.perf_counter()
     model = load_model(args.model, remote=args.remote) if args.remote else load_model(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t0
-    USAGE.reset()
     t1 = time.perf_counter()
-    result = run_main_experiment(model, tasks, protocol, progress=False)
+    with track_usage() as usage:
+        result = run_main_experiment(model, tasks, protocol, progress=False)
     run_s = time.perf_counter() - t1
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
@@ -95,15 +95,15 @@ def main() -> None:
     print(f"\n{'phase':<24}{'requests':>9}{'traces':>8}{'rows':>8}{'tokens':>9}{'heads':>8}{'seconds':>9}"
           f"{'floor s':>9}{'s/request':>10}")
     floors = {}
-    for phase, e in USAGE.by_phase.items():
+    for phase, e in usage.by_phase.items():
         floors[phase] = (e["tokens"] * token_flop + e["heads"] * head_flop) / rate if rate else float("nan")
         print(f"{phase:<24}{e['requests']:>9}{e['traces']:>8}{e['rows']:>8}{e['tokens']:>9}{e['heads']:>8}"
               f"{e['seconds']:>9.1f}{floors[phase]:>9.1f}{e['seconds'] / e['requests']:>10.2f}")
-    print(f"{'all phases':<24}{USAGE.total('requests'):>9.0f}{USAGE.total('traces'):>8.0f}{USAGE.total('rows'):>8.0f}"
-          f"{USAGE.total('tokens'):>9.0f}{USAGE.total('heads'):>8.0f}{USAGE.total('seconds'):>9.1f}"
+    print(f"{'all phases':<24}{usage.total('requests'):>9.0f}{usage.total('traces'):>8.0f}{usage.total('rows'):>8.0f}"
+          f"{usage.total('tokens'):>9.0f}{usage.total('heads'):>8.0f}{usage.total('seconds'):>9.1f}"
           f"{sum(floors.values()):>9.1f}")
-    print(f"requests per task: {USAGE.total('requests') / len(tasks):.1f}; "
-          f"seconds per request: {USAGE.total('seconds') / max(USAGE.total('requests'), 1):.2f}")
+    print(f"requests per task: {usage.total('requests') / len(tasks):.1f}; "
+          f"seconds per request: {usage.total('seconds') / max(usage.total('requests'), 1):.2f}")
     per_task = result.accuracy.set_index("task")["seconds"]
     print(f"\nload model: {load_s:.1f} s")
     print(f"experiment: {run_s:.1f} s total, {run_s / len(tasks):.1f} s per task "
@@ -112,7 +112,7 @@ def main() -> None:
     print(f"peak RSS: {rss:.2f} GB")
     full = run_s * 18 / len(tasks)
     if args.remote:  # the targets are for this machine's own compute; remotely the server's time counts
-        print(f"\nserver: {run_s / len(tasks):.1f} s per task, {USAGE.total('requests') / len(tasks):.1f} requests per task")
+        print(f"\nserver: {run_s / len(tasks):.1f} s per task, {usage.total('requests') / len(tasks):.1f} requests per task")
     else:
         print(f"\ntarget: 18 tasks <= {TARGET_SECONDS} s -> {'projected ' if len(tasks) != 18 else ''}{full:.0f} s "
               f"({'met' if full <= TARGET_SECONDS else 'MISSED'}); peak RSS < {TARGET_RSS_GB} GB -> "

@@ -11,17 +11,18 @@ only. Tensors come back on the CPU in float32.
 
 from __future__ import annotations
 
-import copy
+import contextvars
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import nnsight
 import torch
 
 from . import remote
 from .arch import residual
+from .compat import select_cache_rows
 from .models import TaskModel
 
 
@@ -30,19 +31,16 @@ class Usage:
     """What the model was asked to do, for the benchmark: requests, traces, rows, real tokens, seconds.
 
     A request is one round trip: a session of one or more traces (on NDIF, one HTTP request).
+    ``by_phase`` maps a phase name to its counts (``requests``, ``traces``, ``rows``, ``tokens``,
+    ``heads``, ``seconds``). Get one from :func:`track_usage`; nothing is counted outside such a scope.
     """
 
     by_phase: dict = field(default_factory=dict)
 
-    @contextmanager
-    def track(self, phase: str, traces: int, rows: int, tokens: int, heads: int = 0):
+    def add(self, phase: str, *, traces: int, rows: int, tokens: int, heads: int, seconds: float) -> None:
         """Count one request of ``phase``: its traces, the rows they run, the tokens computed (new
-        tokens only: a step on a key/value cache does not recompute the cached ones) and the rows
-        read out through the unembedding (``heads``)."""
-        start = time.perf_counter()
-        yield
-        if torch.cuda.is_available():  # kernels run asynchronously: wait before reading the clock
-            torch.cuda.synchronize()
+        tokens only: a step on a key/value cache does not recompute the cached ones), the rows read
+        out through the unembedding (``heads``) and its wall time."""
         entry = self.by_phase.setdefault(phase, {"requests": 0, "traces": 0, "rows": 0, "tokens": 0, "heads": 0,
                                                  "seconds": 0.0})
         entry["requests"] += 1
@@ -50,16 +48,44 @@ class Usage:
         entry["rows"] += rows
         entry["tokens"] += tokens
         entry["heads"] += heads
-        entry["seconds"] += time.perf_counter() - start
+        entry["seconds"] += seconds
 
     def total(self, key: str) -> float:
         return sum(entry[key] for entry in self.by_phase.values())
 
-    def reset(self) -> None:
-        self.by_phase.clear()
+
+# The Usage objects of the track_usage scopes open in this context (innermost last).
+_TRACKING: contextvars.ContextVar[tuple[Usage, ...]] = contextvars.ContextVar("taskvec_usage", default=())
 
 
-USAGE = Usage()
+@contextmanager
+def track_usage() -> Iterator[Usage]:
+    """Count the requests made inside this block: ``with track_usage() as usage: ...``, then read
+    ``usage.by_phase``. Scopes nest (an outer one counts what an inner one does) and follow the
+    context (:mod:`contextvars`), so concurrent runs do not count each other's requests. A request
+    that fails is not counted."""
+    usage = Usage()
+    token = _TRACKING.set(_TRACKING.get() + (usage,))
+    try:
+        yield usage
+    finally:
+        _TRACKING.reset(token)
+
+
+@contextmanager
+def _counted(phase: str, *, traces: int, rows: int, tokens: int, heads: int):
+    """Time one request of ``phase`` and add it to every open :func:`track_usage` scope (if it succeeds)."""
+    trackers = _TRACKING.get()
+    if not trackers:
+        yield
+        return
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():  # kernels run asynchronously: wait before reading the clock
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    for usage in trackers:
+        usage.add(phase, traces=traces, rows=rows, tokens=tokens, heads=heads, seconds=seconds)
 
 
 def encode(model: TaskModel, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -131,17 +157,21 @@ def _sent_bytes(*tensors: torch.Tensor, extra: int = 0) -> int:
     return total
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class _Unit:
-    """One piece of a phase: what its session function receives, and what it costs."""
+    """One piece of a phase: the payload its session function receives, and what it costs.
 
-    payload: tuple
-    result_bytes: int  # what it brings back
-    sent_bytes: int  # what it sends (inputs, θ)
-    traces: int
-    rows: int
-    tokens: int  # tokens computed (cached ones are not recomputed)
-    heads: int  # rows read out through the unembedding
+    The costs decide how units are bundled into requests (:func:`_requests`) and are what
+    :func:`track_usage` counts; only ``payload`` travels.
+    """
+
+    payload: Any  #: the payload class of the phase's session function (PlainPayload, PatchedPayload, ...)
+    result_bytes: int  #: bytes it brings back
+    sent_bytes: int  #: bytes it sends (inputs, θ)
+    traces: int  #: traces it runs
+    rows: int  #: batch rows over all its traces
+    tokens: int  #: tokens computed (cached ones are not recomputed)
+    heads: int  #: rows read out through the unembedding
 
 
 def _requests(model: TaskModel, phase: str, units: Sequence[_Unit], session) -> list:
@@ -167,8 +197,8 @@ def _requests(model: TaskModel, phase: str, units: Sequence[_Unit], session) -> 
     for group in groups:
         members = [units[i] for i in group]
         payloads = [u.payload for u in members]
-        counts = [sum(getattr(u, key) for u in members) for key in ("traces", "rows", "tokens", "heads")]
-        with USAGE.track(phase, *counts), remote.where(phase=phase):
+        counts = {key: sum(getattr(u, key) for u in members) for key in ("traces", "rows", "tokens", "heads")}
+        with _counted(phase, **counts), remote.where(phase=phase):
             values = remote.call(lambda: session(model, payloads), model.remote, model.name)
         out.extend(values)
     return out
@@ -179,102 +209,168 @@ def _requests(model: TaskModel, phase: str, units: Sequence[_Unit], session) -> 
 NO_LOGITS = torch.tensor([], dtype=torch.long)
 
 
+# --- payloads: what each session function receives, one per unit ---------------------------------
+# A payload travels inside its session: remotely it is pickled with the traced block and rebuilt on
+# the server, its class by value with taskvec's source (remote.ship_code). nnsight ships functions
+# by their source, but the methods dataclasses and namedtuples generate have none: they travel as
+# the client Python's bytecode, which the server (Python 3.12 in tests/ndif_server.py, 3.11 here)
+# cannot run (it crashes). So payloads are frozen dataclasses with no generated method the server
+# could call: pickle rebuilds an instance by filling its __dict__ (a NamedTuple would call its
+# generated __new__), and eq=False, repr=False leave __eq__, __hash__ and __repr__ to object.
+# Inputs are dicts of (rows, seq) long tensors: input_ids, attention_mask (and position_ids).
+_WIRE = dict(frozen=True, kw_only=True, eq=False, repr=False)
+
+
+@dataclass(**_WIRE)
+class PlainPayload:
+    """One trace of :func:`_plain_session`: the next token of each row, nothing cached or patched."""
+
+    inputs: dict[str, torch.Tensor]  #: left padded (rows, seq), with mask-derived position_ids (:func:`encode`)
+    want_logits: bool  #: return (rows, vocab) float32 logits instead of (rows,) token ids
+
+
+@dataclass(**_WIRE)
+class VocabPayload:
+    """One trace of :func:`_vocab_session`: vectors read through the final norm and the unembedding."""
+
+    inputs: dict[str, torch.Tensor]  #: a one-token input, (1, 1): the trace only gives the read-out a place to run
+    vectors: torch.Tensor  #: (n, d_model), placed for the model (:func:`_placed`)
+
+
+@dataclass(**_WIRE)
+class Patch:
+    """θ written after one layer into one block of a step's rows (:class:`PatchedPayload`)."""
+
+    layer: int  #: the decoder layer after which θ is written
+    rows: slice  #: the step rows it goes to
+    theta: torch.Tensor  #: (len(rows), d_model), placed for the model (:func:`_placed`)
+
+
+@dataclass(**_WIRE)
+class PatchedPayload:
+    """Two traces of :func:`_patched_session`: ``prefix`` fills a key/value cache; the one-token
+    ``step`` runs on ``rows`` of it with θ written as ``patches`` say, and its next token is read."""
+
+    prefix: dict[str, torch.Tensor]  #: (n_prefix, prefix_len) left padded: each distinct text minus its last token
+    step: dict[str, torch.Tensor]  #: input_ids, position_ids (n_rows, 1); attention_mask (n_rows, prefix_len + 1)
+    rows: torch.Tensor  #: (n_rows,) long: the prefix row each step row continues
+    patches: tuple[Patch, ...]  #: in layer order (nnsight visits layers in execution order)
+    want_logits: bool  #: return (n_rows, vocab) float32 logits instead of (n_rows,) token ids
+
+
+@dataclass(**_WIRE)
+class PrefixPayload:
+    """Two traces of :func:`_prefix_session`: the groups' shared prefixes fill a key/value cache;
+    each text's own tokens run on its group's row of it (:func:`_continuation`)."""
+
+    prefix: dict[str, torch.Tensor]  #: (n_groups, prefix_len) left padded: each group's shared prefix
+    step: dict[str, torch.Tensor]  #: input_ids, position_ids (n_rows, rest_len) right padded; attention_mask (n_rows, prefix_len + rest_len)
+    rows: torch.Tensor  #: (n_rows,) long, group-major: the prefix row each text continues
+    last: torch.Tensor  #: (n_rows,) long: the index in ``step`` of each text's last real token
+
+
+@dataclass(**_WIRE)
+class GeneratePayload:
+    """One greedy ``generate`` trace of :func:`_generate_session`, θ optionally patched in the prompt's forward."""
+
+    inputs: dict[str, torch.Tensor]  #: input_ids, attention_mask (rows, seq) left padded
+    max_new_tokens: int  #: the most tokens generated per row
+    stop_ids: list[int]  #: token ids that end a row (:func:`stop_token_ids`)
+    layer: int | None = None  #: the layer after which θ is written, or None for no patch
+    theta: torch.Tensor | None = None  #: (rows, d_model) placed for the model (:func:`_placed`), or None
+
+
 # --- sessions: each runs its payloads' traces in one nnsight session (remotely: one request) ---------
 # The session is submitted when it exits and collected by remote.wait (bounded) when remote.
 # nnsight reads a trace's body from its source: trace headers stay on one line, and no comment
 # line opens a with-block.
 
-def _plain_session(model: TaskModel, payloads: Sequence[tuple]) -> list:
-    """Payloads ``(inputs, step, arg)``: one trace each, ``step(arg)`` called inside it."""
+def _plain_session(model: TaskModel, payloads: Sequence[PlainPayload]) -> list:
+    """One trace per payload; per payload (rows,) next-token ids or (rows, vocab) float32 logits."""
     job = remote.backend(model.nn, model.remote)
     with model.nn.session(backend=job, remote=model.remote):
         values = nnsight.save([])
-        for inputs, step, arg in payloads:
-            with model.nn.trace(inputs, logits_to_keep=1):
-                values.append(step(arg))
+        for payload in payloads:
+            with model.nn.trace(payload.inputs, logits_to_keep=1):
+                logits = next_token_logits(model)
+                values.append(logits.float() if payload.want_logits else logits.argmax(-1))
     return remote.wait(job)["values"] if job is not None else values
 
 
-def _patched_session(model: TaskModel, payloads: Sequence[tuple]) -> list:
-    """Payloads ``(prefix, step, rows, plan, want_logits)``: the prefix trace fills a key/value cache;
-    the one-token step runs on ``rows`` of it with θ written after each ``plan`` layer."""
+def _vocab_session(model: TaskModel, payloads: Sequence[VocabPayload]) -> list:
+    """One trace per payload; per payload the vectors' logits, (n, vocab) float32."""
+    norm = model.arch.get(model.nn, model.arch.final_norm)
     unembed = model.arch.get(model.nn, model.arch.unembed)
     job = remote.backend(model.nn, model.remote)
     with model.nn.session(backend=job, remote=model.remote):
         values = nnsight.save([])
-        for prefix, step, rows, plan, want_logits in payloads:
-            with model.nn.trace(prefix, use_cache=True, logits_to_keep=NO_LOGITS):
-                cache = model.nn.output.past_key_values
-            with model.nn.trace(step, past_key_values=select_rows(cache, rows), use_cache=True, logits_to_keep=1):
-                for layer, block, theta in plan:
-                    patch_last_token(model, layer, theta, block)
-                logits = unembed.output[:, -1, :]
-                values.append(logits.float() if want_logits else logits.argmax(-1))
+        for payload in payloads:
+            with model.nn.trace(payload.inputs, logits_to_keep=1):
+                values.append(unembed(norm(payload.vectors[:, None, :]))[:, -1].float())
     return remote.wait(job)["values"] if job is not None else values
 
 
-def _prefix_session(model: TaskModel, payloads: Sequence[tuple]) -> list:
-    """Payloads ``(prefix, step, rows, last)``: the shared prefixes fill a key/value cache; each text's
-    own tokens run on its row of it. Returns (states after every layer at each text's last token,
-    next-token id) per payload."""
+def _patched_session(model: TaskModel, payloads: Sequence[PatchedPayload]) -> list:
+    """Two traces per payload; per payload (n_rows,) next-token ids or (n_rows, vocab) float32 logits."""
+    unembed = model.arch.get(model.nn, model.arch.unembed)
+    job = remote.backend(model.nn, model.remote)
+    with model.nn.session(backend=job, remote=model.remote):
+        values = nnsight.save([])
+        for payload in payloads:
+            with model.nn.trace(payload.prefix, use_cache=True, logits_to_keep=NO_LOGITS):
+                cache = model.nn.output.past_key_values
+            with model.nn.trace(payload.step, past_key_values=select_cache_rows(cache, payload.rows), use_cache=True, logits_to_keep=1):
+                for patch in payload.patches:
+                    patch_last_token(model, patch.layer, patch.theta, patch.rows)
+                logits = unembed.output[:, -1, :]
+                values.append(logits.float() if payload.want_logits else logits.argmax(-1))
+    return remote.wait(job)["values"] if job is not None else values
+
+
+def _prefix_session(model: TaskModel, payloads: Sequence[PrefixPayload]) -> list:
+    """Two traces per payload; per payload (states after every layer at each text's last token,
+    (n_rows, n_layers, d_model) float32, and each text's next-token id, (n_rows,))."""
     layer_modules = model.arch.layer_modules(model.nn)
     unembed = model.arch.get(model.nn, model.arch.unembed)
     top = model.n_layers - 1
     job = remote.backend(model.nn, model.remote)
     with model.nn.session(backend=job, remote=model.remote):
         values = nnsight.save([])
-        for prefix, step, rows, last in payloads:
-            at = torch.arange(len(last))
-            with model.nn.trace(prefix, use_cache=True, logits_to_keep=NO_LOGITS):
+        for payload in payloads:
+            at = torch.arange(len(payload.last))
+            with model.nn.trace(payload.prefix, use_cache=True, logits_to_keep=NO_LOGITS):
                 cache = model.nn.output.past_key_values
-            with model.nn.trace(step, past_key_values=select_rows(cache, rows), use_cache=True, logits_to_keep=1):
+            with model.nn.trace(payload.step, past_key_values=select_cache_rows(cache, payload.rows), use_cache=True, logits_to_keep=1):
                 reads = []
                 for layer in range(top + 1):
                     hidden = residual(layer_modules[layer].output)
-                    reads.append(hidden[at, last])
+                    reads.append(hidden[at, payload.last])
                     if layer == top:
-                        hidden[at, -1] = hidden[at, last]
+                        hidden[at, -1] = hidden[at, payload.last]
                 values.append((torch.stack(reads, dim=1).float(), unembed.output[:, -1, :].argmax(-1)))
     return remote.wait(job)["values"] if job is not None else values
 
 
-def _generate_session(model: TaskModel, payloads: Sequence[tuple]) -> list:
-    """Payloads ``(inputs, layer, theta, max_new_tokens, stop_ids)``: one greedy ``generate`` trace each.
+def _generate_session(model: TaskModel, payloads: Sequence[GeneratePayload]) -> list:
+    """One greedy ``generate`` trace per payload; per payload the generated ids, (rows, <= max_new_tokens).
 
-    With ``theta`` (rows, d_model), the residual stream after ``layer`` at each row's last prompt token
-    is overwritten in the first forward only (the prompt's); the patched position then stays in the
-    key/value cache for every later token. Returns the generated ids, (rows, <= max_new_tokens).
+    With ``theta``, the residual stream after ``layer`` at each row's last prompt token is
+    overwritten in the first forward only (the prompt's); the patched position then stays in the
+    key/value cache for every later token.
     """
     layer_modules = model.arch.layer_modules(model.nn)
     pad = model.tokenizer.pad_token_id
     job = remote.backend(model.nn, model.remote)
     with model.nn.session(backend=job, remote=model.remote):
         values = nnsight.save([])
-        for inputs, layer, theta, max_new_tokens, stop_ids in payloads:
-            width = inputs["input_ids"].shape[1]
-            with model.nn.generate(inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=pad) as tracer:
-                if theta is not None:
+        for payload in payloads:
+            width = payload.inputs["input_ids"].shape[1]
+            with model.nn.generate(payload.inputs, max_new_tokens=payload.max_new_tokens, do_sample=False, eos_token_id=payload.stop_ids, pad_token_id=pad) as tracer:
+                if payload.theta is not None:
                     for step in tracer.iter[0]:
-                        residual(layer_modules[layer].output)[:, -1, :] = theta
+                        residual(layer_modules[payload.layer].output)[:, -1, :] = payload.theta
                 values.append(tracer.result[:, width:])
     return remote.wait(job)["values"] if job is not None else values
-
-
-# --- key/value caches -------------------------------------------------------------------------
-
-def select_rows(cache, rows: torch.Tensor):
-    """A copy of a transformers key/value ``cache`` holding batch rows ``rows`` (repeats allowed).
-
-    Each layer object is copied shallowly (its sliding-window state and length stay as they are)
-    and its keys and values re-indexed, so ``cache`` itself is left intact. A cache rebuilt from
-    saved key/value tensors would not be the same: a sliding-window layer keeps only its window
-    of keys, and its count of tokens seen sets the mask offsets.
-    """
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    if new.layers:
-        new.batch_select_indices(rows.to(cache.layers[0].keys.device))
-    return new
 
 
 def _left_padded(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -340,16 +436,12 @@ def next_tokens(model: TaskModel, texts: Sequence[str], batch_size: int = 64, ph
     With ``return_logits`` the last-position logits instead, (n, vocab) float32 on CPU.
     """
     index = list(_length_batches(model, texts, batch_size))
-
-    def step(want_logits):
-        logits = next_token_logits(model)
-        return logits.float() if want_logits else logits.argmax(-1)
-
     units = []
     for rows in index:
         enc = encode(model, [texts[i] for i in rows])
-        units.append(_Unit((enc, step, return_logits), len(rows) * _value_bytes(model, return_logits),
-                           _sent_bytes(enc), 1, len(rows), int(enc["attention_mask"].sum()), len(rows)))
+        units.append(_Unit(payload=PlainPayload(inputs=enc, want_logits=return_logits),
+                           result_bytes=len(rows) * _value_bytes(model, return_logits), sent_bytes=_sent_bytes(enc),
+                           traces=1, rows=len(rows), tokens=int(enc["attention_mask"].sum()), heads=len(rows)))
     values = _requests(model, phase, units, _plain_session)
     out = torch.empty((len(texts), *values[0].shape[1:]), dtype=values[0].dtype)
     for rows, value in zip(index, values):
@@ -384,8 +476,9 @@ def prompt_states(model: TaskModel, groups: Sequence[Sequence[str]], batch_size:
         select = torch.arange(len(chosen)).repeat_interleave(k)  # group-major rows
         step, last = _continuation(prefix["attention_mask"][select], [t for g in chosen for t in splits[g][1]], pad)
         tokens = int(prefix["attention_mask"].sum()) + sum(len(t) for g in chosen for t in splits[g][1])
-        units.append(_Unit((prefix, step, select, last), len(chosen) * k * row_bytes,
-                           _sent_bytes(prefix, step, select, last), 2, len(chosen) * (k + 1), tokens, len(chosen) * k))
+        units.append(_Unit(payload=PrefixPayload(prefix=prefix, step=step, rows=select, last=last),
+                           result_bytes=len(chosen) * k * row_bytes, sent_bytes=_sent_bytes(prefix, step, select, last),
+                           traces=2, rows=len(chosen) * (k + 1), tokens=tokens, heads=len(chosen) * k))
         members.append(chosen)
     values = _requests(model, phase, units, _prefix_session)
     states = torch.empty(len(groups), k, model.n_layers, model.d_model)
@@ -470,15 +563,18 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
             jobs = [(li, t) for li in chosen_layers for t in range(len(chosen))]  # layer-major: one block per layer
             select = torch.tensor([row_of[tuple(ids[chosen[t]][:-1])] for _, t in jobs])
             step, _ = _continuation(prefix["attention_mask"][select], [[ids[chosen[t]][-1]] for _, t in jobs], pad)
-            plan = []
+            patches = []
             for position, li in enumerate(chosen_layers):
                 block = slice(position * len(chosen), (position + 1) * len(chosen))
-                plan.append((layers[li], block, _placed(model, vectors[chosen, layers[li]])))
-            plan.sort(key=lambda item: item[0])  # nnsight visits layers in execution order
+                patches.append(Patch(layer=layers[li], rows=block, theta=_placed(model, vectors[chosen, layers[li]])))
+            patches.sort(key=lambda patch: patch.layer)  # nnsight visits layers in execution order
             tokens = int(prefix["attention_mask"].sum()) + len(jobs)
-            units.append(_Unit((prefix, step, select, plan, return_logits), len(jobs) * _value_bytes(model, return_logits),
-                               _sent_bytes(prefix, step, select, extra=sum(int(t.numel() * 4) for _, _, t in plan)),
-                               2, len(unique) + len(jobs), tokens, len(jobs)))
+            payload = PatchedPayload(prefix=prefix, step=step, rows=select, patches=tuple(patches),
+                                     want_logits=return_logits)
+            units.append(_Unit(payload=payload, result_bytes=len(jobs) * _value_bytes(model, return_logits),
+                               sent_bytes=_sent_bytes(prefix, step, select,
+                                                      extra=sum(int(p.theta.numel() * 4) for p in patches)),
+                               traces=2, rows=len(unique) + len(jobs), tokens=tokens, heads=len(jobs)))
             jobs_of.append([(li, chosen[t]) for li, t in jobs])
     values = _requests(model, phase, units, _patched_session)
     result = torch.empty((len(layers), n, *values[0].shape[1:]), dtype=values[0].dtype)
@@ -539,9 +635,11 @@ def generate(model: TaskModel, texts: Sequence[str], max_new_tokens: int, vector
         inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         theta = None if vectors is None else _placed(model, vectors[rows])
         sent = _sent_bytes(inputs) + (0 if theta is None else int(theta.numel()) * 4)
-        units.append(_Unit((inputs, layer, theta, int(max_new_tokens), stop_ids), len(rows) * max_new_tokens * 8,
-                           sent, 1, len(rows), int(enc["attention_mask"].sum()) + len(rows) * (max_new_tokens - 1),
-                           len(rows) * max_new_tokens))
+        payload = GeneratePayload(inputs=inputs, max_new_tokens=int(max_new_tokens), stop_ids=stop_ids, layer=layer,
+                                  theta=theta)
+        units.append(_Unit(payload=payload, result_bytes=len(rows) * max_new_tokens * 8, sent_bytes=sent, traces=1,
+                           rows=len(rows), tokens=int(enc["attention_mask"].sum()) + len(rows) * (max_new_tokens - 1),
+                           heads=len(rows) * max_new_tokens))
     values = _requests(model, phase, units, _generate_session)
     stops = set(stop_ids)
     out: list[list[int]] = [[] for _ in range(n)]
@@ -567,12 +665,6 @@ def vocab_logits(model: TaskModel, vectors: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"vectors must be (n, d_model={model.d_model}), got {tuple(vectors.shape)}")
     theta = _placed(model, vectors)
     enc = encode(model, [model.tokenizer.decode([model.tokenizer.pad_token_id])])
-    norm = model.arch.get(model.nn, model.arch.final_norm)
-    unembed = model.arch.get(model.nn, model.arch.unembed)
-
-    def step(vectors):
-        return unembed(norm(vectors[:, None, :]))[:, -1].float()
-
-    unit = _Unit((enc, step, theta), _value_bytes(model, True) * len(theta), _sent_bytes(enc, theta), 1, 1, 1,
-                 len(theta))
-    return _requests(model, "vocab", [unit], _plain_session)[0].cpu()
+    unit = _Unit(payload=VocabPayload(inputs=enc, vectors=theta), result_bytes=_value_bytes(model, True) * len(theta),
+                 sent_bytes=_sent_bytes(enc, theta), traces=1, rows=1, tokens=1, heads=len(theta))
+    return _requests(model, "vocab", [unit], _vocab_session)[0].cpu()

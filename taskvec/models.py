@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from .arch import Arch, arch_for
+from .compat import drop_gguf_quantizer, name_folder_for_ndif, torch_module
 from .errors import TaskvecError
 
 
@@ -112,9 +113,7 @@ def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # save_pretrained refuses a GGUF-quantized model; after de-quantizing it is plain float32.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        drop_gguf_quantizer(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha}, indent=1))
@@ -205,7 +204,7 @@ class TaskModel:
     @property
     def hf(self) -> torch.nn.Module:
         """The underlying transformers module."""
-        return self.nn._module
+        return torch_module(self.nn)
 
     @property
     def n_layers(self) -> int:
@@ -273,7 +272,6 @@ def load_remote(name: str, remote: bool | str = True, revision: str | None = Non
     name or a local folder is sent as that folder's path, which is how a local NDIF server that
     deployed the folder knows it.
     """
-    import nnsight.modeling.huggingface as nnsight_hf
     from nnsight import TransformersModel
     from transformers import AutoTokenizer
 
@@ -290,12 +288,12 @@ def load_remote(name: str, remote: bool | str = True, revision: str | None = Non
         path = str(Path(name).expanduser()) if source == "local" else name
     if source != "hub":
         # nnsight names the model to the server by its hub id, asked from the hub; a folder is its own id.
-        nnsight_hf._ID_CACHE[path] = path
+        name_folder_for_ndif(path)
     config = _config(path, name, revision)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     arch = arch_for(config)
     nn = TransformersModel(path, tokenizer=tokenizer, revision=revision, task="text-generation")  # meta: no dispatch
-    arch.validate(nn._module)
+    arch.validate(torch_module(nn))
     _pad_left(tokenizer)
     model = TaskModel(name=name, nn=nn, tokenizer=tokenizer, arch=arch,
                       weights_sha256=model_fingerprint(name, revision), remote=remote)

@@ -121,9 +121,9 @@ def test_a_shared_prefix_is_split_on_token_ids():
 
 def test_the_cached_sweep_recomputes_only_the_last_token(tiny_gpt2):
     """Forward tokens of a sweep: each text once, minus its last token, plus one token per (text, layer)."""
-    mechanism.USAGE.reset()
     vectors = torch.zeros(len(TEXTS), tiny_gpt2.n_layers, tiny_gpt2.d_model)
-    mechanism.patched_next_tokens(tiny_gpt2, TEXTS, vectors, range(tiny_gpt2.n_layers), phase="sweep")
+    with mechanism.track_usage() as usage:
+        mechanism.patched_next_tokens(tiny_gpt2, TEXTS, vectors, range(tiny_gpt2.n_layers), phase="sweep")
     lengths = [len(tiny_gpt2.tokenizer(t).input_ids) for t in TEXTS]
     expected = sum(n - 1 for n in lengths) + len(TEXTS) * tiny_gpt2.n_layers
-    assert mechanism.USAGE.by_phase["sweep"]["tokens"] == expected
+    assert usage.by_phase["sweep"]["tokens"] == expected
