@@ -6,7 +6,10 @@
 """
 
 from .arch import ARCHITECTURES, Arch, UnsupportedArchitectureError, arch_for
-from .experiment import MainResult, PromptSet, Protocol, run_main_experiment, run_task, single_token_examples, usable_counts
+from .experiment import MainResult, PromptSet, run_main_experiment, run_task, usable_counts
+from .scoring import Scorer, choose_layer, single_token_examples
+from .settings import Protocol
+from .study import ModelRef, Skip, Skipped, Study, cached
 from .mechanism import hidden_states, next_tokens, patched_next_tokens, task_vectors
 from .models import EMBEDDED, TaskModel, UnknownModelError, load_model, wrap
 from .prompts import FewShotPrompt, PromptFormat, read_jsonl, sample_prompts, sample_queries, write_jsonl

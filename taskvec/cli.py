@@ -12,12 +12,12 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from . import remote
 from .errors import TaskvecError
-from .experiment import PromptSet, Protocol
+from .experiment import PromptSet
+from .settings import Protocol
 from .models import resolve_source
 from .tasks import load_tasks
 
@@ -36,18 +36,19 @@ def boolean(text: str) -> bool:
 
 
 def _protocol_args(parser: argparse.ArgumentParser) -> None:
-    for f in fields(Protocol):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+    """One flag per Protocol setting, its help the setting's description (taskvec/settings.py)."""
+    for name, f in Protocol.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if f.annotation is bool:
             parser.add_argument(flag, type=boolean, default=f.default, metavar="{true,false}",
-                                help=f"(default {str(f.default).lower()})")
+                                help=f"{f.description} (default {str(f.default).lower()})")
         else:
             kind = int if isinstance(f.default, int) else str
-            parser.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default!r})")
+            parser.add_argument(flag, type=kind, default=f.default, help=f"{f.description} (default {f.default!r})")
 
 
 def _protocol(ns: argparse.Namespace) -> Protocol:
-    return Protocol(**{f.name: getattr(ns, f.name) for f in fields(Protocol)})
+    return Protocol(**{name: getattr(ns, name) for name in Protocol.model_fields})
 
 
 def _tasks(ns: argparse.Namespace):
@@ -139,7 +140,7 @@ def _long_answers(ns: argparse.Namespace, protocol: Protocol, tasks) -> int:
     out = Path(ns.out)
     _write_tables(out, result)
     (out / "meta.json").write_text(json.dumps({"model": result.model, "max_new_tokens": ns.max_new_tokens,
-                                               "protocol": {f.name: getattr(protocol, f.name) for f in fields(Protocol)},
+                                               "protocol": protocol.as_dict(),
                                                "task_seconds": result.seconds,
                                                "seconds": round(time.perf_counter() - start, 1)}, indent=1, default=str))
     print(result.accuracy.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
@@ -170,7 +171,7 @@ def cmd_prompts(ns: argparse.Namespace) -> int:
     protocol = _protocol(ns)
     tasks = _tasks(ns)
     if ns.model:
-        from .experiment import single_token_examples
+        from .scoring import single_token_examples
         from .models import load_model
 
         resolve_source(ns.model)

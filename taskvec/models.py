@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -276,8 +277,6 @@ def load_remote(name: str, remote: bool | str = True, revision: str | None = Non
     from transformers import AutoTokenizer
 
     from . import remote as remote_mod
-    from .store import model_fingerprint  # store imports this module
-
     if not remote_mod.is_remote(remote):
         raise ValueError(f"load_remote needs remote=True or a host URL, got {remote!r}")
     source = resolve_source(name)
@@ -318,8 +317,6 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | str | 
     if remote and remote != "local":
         return load_remote(name, remote, revision)
 
-    from .store import model_fingerprint  # store imports this module
-
     source = resolve_source(name)
     device, dtype = _place(source, device, dtype)
     if source == "embedded":
@@ -334,3 +331,51 @@ def load_model(name: str, device: str | None = None, dtype: torch.dtype | str | 
     model = wrap(hf_model, tokenizer, name=name, weights_sha256=sha)
     model.info = {"source": source, "device": str(device), "dtype": dtype_name(dtype), "revision": revision}
     return model
+
+
+# --- identity: what a cache key holds of a model, decided without loading it ---------------------------
+
+#: Files in a model folder identified by name, size and modification time (hashing gigabytes is slow).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+@lru_cache(maxsize=None)
+def _embedded_fingerprint(name: str) -> str:
+    return sha256_file(EMBEDDED[name].locate_gguf())  # the package checks its file: slow, once per process
+
+
+def model_fingerprint(name: str, revision: str | None = None) -> str:
+    """Identity of a model's weights without loading them.
+
+    Embedded: the GGUF file's sha256. Local folder: sha256 over the content of every
+    file but the weights (config, tokenizer, generation config) and the weight files'
+    names, sizes and modification times. Hub id: ``hub:<id>@<revision>`` (default
+    ``main``, a branch that can move: pin a commit sha for reproducible caching).
+    """
+    source = resolve_source(name)
+    if source == "embedded":
+        return _embedded_fingerprint(name)
+    if source == "local":
+        digest = hashlib.sha256()
+        for path in sorted(Path(name).expanduser().iterdir()):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix in WEIGHT_SUFFIXES:
+                stat = path.stat()
+                digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+            else:
+                digest.update(f"{path.name}:{sha256_file(path)}\0".encode())
+        return digest.hexdigest()
+    return f"hub:{name}@{revision or 'main'}"
+
+
+def model_identity(model: "TaskModel | str", dtype: str | None = None, remote: bool | str = False) -> dict[str, str]:
+    """What a cache key holds of a model: name, weights hash, device type and dtype. For a loaded model,
+    where it is; for a name, where ``load_model(name, dtype=dtype, remote=remote)`` would put it, without
+    loading it."""
+    name = model if isinstance(model, str) else model.name
+    weights = model_fingerprint(model) if isinstance(model, str) else model.weights_sha256
+    if not weights:
+        raise ValueError(f"model {name!r} has no weights hash; caching needs one (TaskModel.weights_sha256)")
+    device, dtype_ = placement(name, dtype=dtype, remote=remote) if isinstance(model, str) else model.placement
+    return {"model": name, "weights": weights, "device": device, "dtype": dtype_}

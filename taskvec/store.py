@@ -21,16 +21,15 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from .models import EMBEDDED, cache_dir, resolve_source, sha256_file
+import pandas as pd
+from pydantic import BaseModel
 
-# The modules whose code decides a main-experiment result (paths in the package); editing any of them
-# invalidates it.
-METHOD_MODULES = ("mechanism.py", "experiment.py", "prompts.py", "tasks.py", "models.py", "arch.py")
-# Analyses built on the main experiment (dominance, interpretation) also depend on this one.
-ANALYSIS_MODULES = METHOD_MODULES + ("studies/analysis.py",)
-# The studies beyond the paper: answers of several tokens, and what θ needs.
-LONG_ANSWER_MODULES = METHOD_MODULES + ("studies/long_answers.py",)
-CONTEXT_MODULES = METHOD_MODULES + ("studies/context.py",)
+from .models import cache_dir
+
+# The modules whose code decides every result (paths in the package); editing any of them invalidates
+# every entry. A study adds its own module(s) (taskvec.study.Study.modules).
+METHOD_MODULES = ("mechanism.py", "experiment.py", "prompts.py", "tasks.py", "models.py", "arch.py", "scoring.py",
+                  "settings.py", "study.py", "compat.py")
 
 
 @lru_cache(maxsize=None)
@@ -49,47 +48,15 @@ def code_version(modules: tuple[str, ...] = METHOD_MODULES) -> str:
 
 #: Libraries whose version can change a result (kernels, defaults, tracing).
 LIBRARIES = ("torch", "transformers", "nnsight")
-#: Files in a model folder identified by name, size and modification time (hashing gigabytes is slow).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-
-
 @lru_cache(maxsize=None)
 def library_versions() -> dict[str, str]:
     """Installed versions of :data:`LIBRARIES`."""
     return {name: version(name) for name in LIBRARIES}
 
 
-@lru_cache(maxsize=None)
-def _embedded_fingerprint(name: str) -> str:
-    return sha256_file(EMBEDDED[name].locate_gguf())  # the package checks its file: slow, once per process
-
-
-def model_fingerprint(name: str, revision: str | None = None) -> str:
-    """Identity of a model's weights without loading them.
-
-    Embedded: the GGUF file's sha256. Local folder: sha256 over the content of every
-    file but the weights (config, tokenizer, generation config) and the weight files'
-    names, sizes and modification times. Hub id: ``hub:<id>@<revision>`` (default
-    ``main``, a branch that can move: pin a commit sha for reproducible caching).
-    """
-    source = resolve_source(name)
-    if source == "embedded":
-        return _embedded_fingerprint(name)
-    if source == "local":
-        digest = hashlib.sha256()
-        for path in sorted(Path(name).expanduser().iterdir()):
-            if not path.is_file() or path.name.startswith("."):
-                continue
-            if path.suffix in WEIGHT_SUFFIXES:
-                stat = path.stat()
-                digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
-            else:
-                digest.update(f"{path.name}:{sha256_file(path)}\0".encode())
-        return digest.hexdigest()
-    return f"hub:{name}@{revision or 'main'}"
-
-
 def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return _plain(value.model_dump(mode="json"))
     if is_dataclass(value):
         return asdict(value)
     if isinstance(value, (list, tuple)):
@@ -134,3 +101,24 @@ class Store:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+
+def write_records(path: Path, frame: pd.DataFrame) -> None:
+    """One JSON object per row: round-trips any string (``\\r``, ``,``, quotes) and keeps types."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in frame.to_dict(orient="records"):
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_records(path: Path) -> pd.DataFrame:
+    """The table :func:`write_records` wrote."""
+    with open(path, encoding="utf-8") as handle:
+        return pd.DataFrame([json.loads(line) for line in handle.read().split("\n") if line])
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -10,7 +10,7 @@ import torch
 from taskvec.studies import context as CX
 from taskvec import mechanism
 from taskvec.errors import SettingError
-from taskvec.experiment import Protocol
+from taskvec.settings import Protocol
 from taskvec.prompts import PromptFormat, sample_prompts
 from taskvec.store import Store
 from taskvec.tasks import load_task, load_tasks
@@ -100,7 +100,7 @@ def test_sizes_are_checked_before_any_compute(kwargs, message):
 
 def test_each_task_is_cached_with_its_layer_and_sizes(tiny_gpt2, tmp_path, monkeypatch):
     tasks = load_tasks(["to_upper", "to_lower"])
-    sizes = CX.Sizes(shots=(1, 2), contexts=(1, 2), n_prompts=3, pool=2, max_groups=1, n_queries=4)
+    sizes = CX.Sizes(shots=[1, 2], contexts=[1, 2], n_prompts=3, pool=2, max_groups=1, n_queries=4)
     store, computed = Store(tmp_path), []
     real = CX.shots_curve
     monkeypatch.setattr(CX, "shots_curve", lambda model, task, *a: computed.append(task.name) or real(model, task, *a))
@@ -128,7 +128,7 @@ def test_theta_from_a_pool_beats_the_query_alone_on_the_real_model(real_model):
     # Asserted: every k above the query alone on both tasks, by .2 on average (observed .39); Regular
     # better with 5 shots than with 1, on average.
     tasks = load_tasks(["next_letter", "antonyms"])
-    sizes = CX.Sizes(shots=(1, 5), contexts=(1, 4), n_prompts=8, pool=8, max_groups=2, n_queries=12)
+    sizes = CX.Sizes(shots=[1, 5], contexts=[1, 4], n_prompts=8, pool=8, max_groups=2, n_queries=12)
     result = CX.run(real_model, tasks, Protocol(), {"next_letter": 9, "antonyms": 11}, sizes, progress=False)
     acc = result.contexts.groupby(["task", "condition", "k"])["correct"].mean()
     margins = [acc[(task, "hypothesis", k)] - acc[(task, "baseline", 0)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from taskvec.studies.analysis import conflict_prompts, conflicting_tasks
-from taskvec.experiment import Protocol
+from taskvec.settings import Protocol
 from taskvec.tasks import load_task
 
 
@@ -37,7 +37,7 @@ def test_conflicting_layer_is_chosen_where_theta_of_b_wins(real_model):
     Regular A 1.0, Conflicting B 1.0."""
     out = conflicting_tasks(real_model, load_task("list_last"), load_task("list_first"), Protocol(),
                             n_prompts=12, n_shots=4, n_dev=8)
-    table, curve = out["table"].set_index("condition"), out["dev_curve"]
+    table, curve = out.table.set_index("condition"), out.dev_curve
     layer = int(table.loc["conflicting", "layer"])
     assert layer == int(curve["acc_b"].idxmax()) and curve.loc[layer, "acc_b"] == curve["acc_b"].max()
     assert curve.loc[:2, "acc_b"].max() <= 0.2  # early layers: θ of B is overridden (observed 0.0)
@@ -50,7 +50,7 @@ def test_conflicting_layer_is_chosen_where_theta_of_b_wins(real_model):
 def test_a_pair_too_small_for_the_tokenizer_is_skipped_before_any_compute(tiny_gpt2, tmp_path, monkeypatch):
     """A character tokenizer has no single-token Spanish words: the pair is reported as skipped, not an error."""
     from taskvec import mechanism
-    from taskvec.studies import sections
+    from taskvec.publishing import sections
 
     folder = tmp_path / "model"
     tiny_gpt2.hf.save_pretrained(folder)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from taskvec.experiment import PromptSet, Protocol, run_main_experiment
+from taskvec.experiment import PromptSet, run_main_experiment
+from taskvec.settings import Protocol
 from taskvec.prompts import read_jsonl, write_jsonl
 from taskvec.tasks import load_tasks
 
@@ -73,7 +74,7 @@ def test_task_too_small_for_the_tokenizer_is_skipped_not_fatal(tiny_gpt2):
 
 def test_single_token_filter_keeps_only_one_token_answers():
     from conftest import char_tokenizer
-    from taskvec.experiment import single_token_examples
+    from taskvec.scoring import single_token_examples
     from taskvec.prompts import PromptFormat
     from taskvec.tasks import Example, Task
 

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from taskvec.errors import SettingError
-from taskvec.experiment import Protocol, Scorer, main_keys, single_token_examples, usable_counts
+from taskvec.experiment import main_keys, usable_counts
+from taskvec.scoring import Scorer, single_token_examples
+from taskvec.settings import Protocol
 from taskvec.prompts import FewShotPrompt, PromptFormat
 from taskvec.tasks import Example, Task, load_tasks
 
@@ -74,7 +76,7 @@ def test_a_spaced_answer_token_scores_as_the_answer():
     spaced = PromptFormat(space=True)
     score = Scorer(WORDS, tokenizer, spaced)
     ids = [tokenizer.id(" w0x"), tokenizer.id(" w9x")]
-    assert score(ids, [tokenizer.decode([i]) for i in ids], list(WORDS.examples[:2])) == [True, False]
+    assert score(ids, list(WORDS.examples[:2])) == [True, False]
     knowledge = Task("k", "knowledge", "d", "prefix", (Example("France", ("Paris",)),))
     pieces = WordTokenizer([" Pa", "Pa"])
     first = Scorer(knowledge, pieces, spaced).first_tokens(knowledge.examples[0])

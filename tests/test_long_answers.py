@@ -18,9 +18,11 @@ from taskvec import cli, mechanism
 from taskvec.studies import long_answers as LA
 from taskvec.arch import residual
 from taskvec.errors import SettingError
-from taskvec.experiment import Protocol
+from taskvec.settings import Protocol
 from taskvec.prompts import PromptFormat
+from taskvec.scoring import Scorer, answer_length, full_match
 from taskvec.store import Store
+from taskvec.study import ModelRef, key_of
 from taskvec.tasks import Example, Task, load_task, load_tasks
 
 TEXTS = ["example:a->b\nexample:c->", "example:hot->cold\nexample:up->down\nexample:big->", "example:x->"]
@@ -112,11 +114,34 @@ def test_answers_are_cut_at_the_separator_and_matched_whole(tiny_gpt2):
     ids = tok("c a t\nexample").input_ids[1:]  # without <bos>
     assert LA.answer_text(tok, ids, "\n") == "c a t"
     example = Example("cat", ("c a t", "C A T"))
-    assert LA.full_match("c a t", example) and LA.full_match("C A T", example)
-    assert not LA.full_match("c a", example) and not LA.full_match("", example)
+    assert full_match("c a t", example) and full_match("C A T", example)
+    assert not full_match("c a", example) and not full_match("", example)
     # One character per token here: "c a t" is 5 tokens after the query line; spaced adds one.
-    assert LA.answer_tokens(tok, PromptFormat(), example) == 5
-    assert LA.answer_tokens(tok, PromptFormat(space=True), example) == 6
+    assert answer_length(tok, PromptFormat(), example) == 5
+    assert answer_length(tok, PromptFormat(space=True), example) == 6
+
+
+def test_an_answer_stopped_only_when_its_last_token_is_a_stop_token(tiny_gpt2):
+    stops = mechanism.stop_token_ids(tiny_gpt2, "\n")
+    newline = tiny_gpt2.tokenizer.convert_tokens_to_ids("\n")
+    letter = tiny_gpt2.tokenizer.convert_tokens_to_ids("a")
+    assert newline in stops and letter not in stops
+    assert LA.stopped([letter, newline], stops)
+    assert not LA.stopped([newline, letter], stops)  # a separator earlier, but the limit cut the answer
+    assert not LA.stopped([], stops)
+
+
+def test_first_token_of_a_generated_answer_is_scored_by_its_text(tiny_gpt2):
+    """The generation rule compares the first generated token's stripped text with an accepted answer's first
+    token, for every task alike: planted ids fire it (right first letter, any later letters) or not."""
+    tok = tiny_gpt2.tokenizer
+    task = Task("t", "knowledge", "d", "prefix", (Example("fr", ("Paris",)), Example("pe", ("Lima", "Lim"))))
+    score = Scorer(task, tok, PromptFormat())
+    ids = [tok.convert_tokens_to_ids(c) for c in ("P", "L", "x", " ")]
+    examples = [task.examples[0], task.examples[1], task.examples[1], task.examples[0]]
+    assert score.first_token_text(ids, examples) == [True, True, False, False]  # a blank token never counts
+    swapped = [task.examples[1], task.examples[0], task.examples[1], task.examples[0]]
+    assert score.first_token_text(ids, swapped) == [False, False, False, False]
 
 
 def test_max_new_tokens_is_checked():
@@ -150,7 +175,9 @@ def test_the_study_scores_every_condition_on_the_same_queries_and_caches(tiny_gp
     assert computed == ["next_letter", "list_reverse"]  # nothing computed again
     pd.testing.assert_frame_equal(again.predictions, first.predictions, check_dtype=False)
     # Another token limit is another result.
-    assert LA.task_key(tiny_gpt2, tasks[0], protocol, 4) != LA.task_key(tiny_gpt2, tasks[0], protocol, 5)
+    key = lambda limit: key_of(LA.LONG_ANSWERS, ModelRef(tiny_gpt2), task=tasks[0].identity(), protocol=protocol,
+                               max_new_tokens=limit)
+    assert key(4) != key(5)
 
 
 def test_the_command_line_writes_first_token_and_full_answer_columns(tmp_path, capsys):

@@ -18,7 +18,8 @@ import torch
 
 from conftest import tiny_model
 from taskvec import mechanism, remote
-from taskvec.experiment import Protocol, run_main_experiment
+from taskvec.experiment import run_main_experiment
+from taskvec.settings import Protocol
 from taskvec.models import load_model
 from taskvec.store import Store
 from taskvec.tasks import load_tasks
@@ -64,9 +65,9 @@ def test_remote_equals_local_on_every_operation(served):
 
 def test_a_phase_is_one_request(served):
     far, _ = served
-    mechanism.USAGE.reset()
-    mechanism.hidden_states(far, TEXTS * 4, batch_size=2, phase="bundled")  # 8 batches of a prefix and a step
-    entry = mechanism.USAGE.by_phase["bundled"]
+    with mechanism.track_usage() as usage:
+        mechanism.hidden_states(far, TEXTS * 4, batch_size=2, phase="bundled")  # 8 batches of a prefix and a step
+    entry = usage.by_phase["bundled"]
     assert (entry["requests"], entry["traces"]) == (1, 16)
 
 
@@ -82,7 +83,7 @@ def test_main_experiment_on_gemma_through_the_server_equals_local(ndif_server, r
     assert remote_result.predictions["token_id"].tolist() == local_result.predictions["token_id"].tolist()
 
     # The section pages show the cached remote run beside a local one, read back without the server.
-    from taskvec.studies import sections
+    from taskvec.publishing import sections
 
     names = [t.name for t in tasks]
     shown = sections.main_results([], names, protocol, str(tmp_path), progress=False,
@@ -120,12 +121,12 @@ def test_an_undeployed_model_is_named(ndif_server, tmp_path):
 def test_a_server_side_exception_is_surfaced_not_retried(served, ndif_server):
     far, near = served
     wrong = torch.zeros(1, near.n_layers, near.d_model + 1)  # one too wide: fails when written on the server
-    mechanism.USAGE.reset()
-    with pytest.raises(remote.RemoteRunError, match=r"failed \(model .*phase boom\): RemoteError: RuntimeError: "
-                                                    r"The expanded size of the tensor \(32\) must match") as info:
+    with mechanism.track_usage() as usage, pytest.raises(
+            remote.RemoteRunError, match=r"failed \(model .*phase boom\): RemoteError: RuntimeError: "
+                                         r"The expanded size of the tensor \(32\) must match") as info:
         mechanism.patched_next_tokens(far, TEXTS[:1], wrong, [1], phase="boom")
     assert "Traceback" in info.value.remote_text and "Traceback" not in str(info.value)
-    assert mechanism.USAGE.by_phase == {}  # one attempt: a failed request is not counted as done
+    assert usage.by_phase == {}  # one attempt: a failed request is not counted as done
 
 
 def test_a_request_without_an_answer_in_time_is_named_not_retried(served, monkeypatch):
@@ -133,11 +134,11 @@ def test_a_request_without_an_answer_in_time_is_named_not_retried(served, monkey
     far, _ = served
     monkeypatch.setattr(remote, "TIMEOUT_S", 0.0)  # the first poll comes before the server has answered
     monkeypatch.setattr(remote, "ATTEMPTS", 3)
-    mechanism.USAGE.reset()
-    with pytest.raises(remote.RemoteRunError, match=r"timed out \(model .*phase slow\): RequestTimeout: "
-                                                    r"no result within 0 s \(job [0-9a-f]+, last status"):
+    with mechanism.track_usage() as usage, pytest.raises(
+            remote.RemoteRunError, match=r"timed out \(model .*phase slow\): RequestTimeout: "
+                                         r"no result within 0 s \(job [0-9a-f]+, last status"):
         mechanism.next_tokens(far, TEXTS[:1], phase="slow")
-    assert mechanism.USAGE.by_phase == {}
+    assert usage.by_phase == {}
 
 
 def test_the_key_is_never_written(ndif_server, tmp_path):
@@ -185,9 +186,9 @@ def test_a_sweep_larger_than_a_request_is_split_and_still_equals_local(ndif_serv
     far = load_model("gemma-3-270m", remote=ndif_server.host)
     texts = [f"example:{chr(97 + i % 26)}->" for i in range(60)]
     vectors = mechanism.hidden_states(real_model, texts)  # any realistic θ: each prompt's own states
-    mechanism.USAGE.reset()
-    got = mechanism.patched_next_tokens(far, texts, vectors, range(far.n_layers), phase="big sweep")
-    entry = mechanism.USAGE.by_phase["big sweep"]
+    with mechanism.track_usage() as usage:
+        got = mechanism.patched_next_tokens(far, texts, vectors, range(far.n_layers), phase="big sweep")
+    entry = usage.by_phase["big sweep"]
     assert entry["requests"] >= 4 and entry["rows"] == 60 + 60 * far.n_layers  # each prefix once, a row per layer
     want = mechanism.patched_next_tokens(real_model, texts, vectors, range(real_model.n_layers))
     assert got.tolist() == want.tolist()

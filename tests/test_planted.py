@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from taskvec import experiment, mechanism
-from taskvec.experiment import PromptSet, Protocol, run_main_experiment, run_task
+from taskvec.experiment import PromptSet, run_main_experiment, run_task
+from taskvec.settings import Protocol
 from taskvec.store import Store
 
 from planted import BASELINE_CORRECT, CORRECT, GROUPS, LETTERS, N_LAYERS, T1, T2, group, planted_model, \
@@ -156,7 +157,8 @@ def test_groups_partition_the_task():
 def test_the_books_intervals_and_paired_test_read_the_planted_predictions(planted):
     """sections.intervals / hypothesis_vs_regular on the planted run: hypothesis 3 of 4, regular 4 of 4,
     baseline 2 of 5; the one prompt they disagree on is the G2 query (k), Regular right, Hypothesis wrong."""
-    from taskvec.studies import sections, stats
+    from taskvec.publishing import sections
+    from taskvec.studies import stats
 
     result = run_main_experiment(planted, [planted_task()], SIZES, prompts={TASK: planted_prompts()}, progress=False)
     spans = sections.intervals({"planted": result}).set_index("condition")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 from taskvec import mechanism
-from taskvec.experiment import Protocol, run_main_experiment, single_token_examples
+from taskvec.experiment import run_main_experiment
+from taskvec.scoring import single_token_examples
+from taskvec.settings import Protocol
 from taskvec.prompts import PromptFormat, sample_prompts
 from taskvec.tasks import load_task, load_tasks
 

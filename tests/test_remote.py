@@ -65,13 +65,13 @@ def test_a_remote_model_loads_without_weights(tiny_folder, monkeypatch):
 
 
 def test_remote_results_are_keyed_on_the_host(tiny_folder):
-    from taskvec.experiment import Protocol, task_key
-    from taskvec.models import placement
+    from taskvec.experiment import main_keys
+    from taskvec.settings import Protocol
     from taskvec.tasks import load_task
 
     task, protocol = load_task("antonyms"), Protocol()
-    keys = {where: task_key(str(tiny_folder), "w", task, protocol, device=d, dtype=t)
-            for where in (False, "http://a:1", "http://b:1") for d, t in [placement(str(tiny_folder), remote=where)]}
+    keys = {where: main_keys(str(tiny_folder), [task], protocol, remote=where)["antonyms"]
+            for where in (False, "http://a:1", "http://b:1")}
     assert len(set(keys.values())) == 3
 
 
@@ -141,7 +141,7 @@ def test_the_ndif_profile_without_a_key_fails_before_any_compute(monkeypatch):
 
     from taskvec.publishing import runner
 
-    from taskvec.studies import sections
+    from taskvec.publishing import sections
 
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     monkeypatch.setattr(CONFIG.API, "HOST", remote.PUBLIC_HOST)

@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 
 from taskvec.errors import SettingError
-from taskvec.experiment import (Protocol, Scorer, TaskResult, is_saturated, read_records, run_main_experiment,
-                                write_records)
+from taskvec.experiment import TaskResult, run_main_experiment
+from taskvec.scoring import Scorer, is_saturated
+from taskvec.settings import Protocol
+from taskvec.store import read_records, write_records
 from taskvec.models import embedded_path
 from taskvec.prompts import PromptFormat
 from taskvec.store import Store
@@ -39,11 +41,11 @@ def test_first_token_rule_rejects_one_letter_that_the_lenient_rule_accepts(gemma
     texts = [tok.decode([i]) for i in one_letter]
     examples = [peru, peru, cairo, cairo]
     # The original rule counts "S" for South America and "A" for Africa; the first-token rule does not.
-    assert score.lenient(texts, examples) == [True, True, True, True]
-    assert score(one_letter, texts, examples) == [False, False, False, False]
-    assert score([south], ["South"], [peru]) == [True]
+    assert score.lenient(one_letter, examples) == [True, True, True, True]
+    assert score(one_letter, examples) == [False, False, False, False]
+    assert score([south], [peru]) == [True]
     lenient = Scorer(CONTINENT, tok, PromptFormat(), "lenient")
-    assert lenient(one_letter, texts, examples) == [True] * 4
+    assert lenient(one_letter, examples) == [True] * 4
 
 
 def test_exact_tasks_score_the_same_under_both_rules(gemma_tokenizer):
@@ -52,7 +54,7 @@ def test_exact_tasks_score_the_same_under_both_rules(gemma_tokenizer):
     ids = [tok.convert_tokens_to_ids("went"), tok.convert_tokens_to_ids("saw")]
     texts = [tok.decode([i]) for i in ids]
     for rule in ("first_token", "lenient"):
-        assert Scorer(task, tok, PromptFormat(), rule)(ids, texts, [task.examples[0], task.examples[0]]) == [True, False]
+        assert Scorer(task, tok, PromptFormat(), rule)(ids, [task.examples[0], task.examples[0]]) == [True, False]
 
 
 def test_unknown_prefix_rule_is_rejected_before_compute():
@@ -101,7 +103,7 @@ def test_a_skipped_task_is_cached_so_a_warm_rerun_loads_no_model(tiny_gpt2, tmp_
     def nothing_to_filter(*args, **kwargs):
         raise AssertionError("a task was filtered again although every task is cached")
 
-    monkeypatch.setattr("taskvec.experiment.single_token_examples", nothing_to_filter)
+    monkeypatch.setattr("taskvec.settings.single_token_examples", nothing_to_filter)
     again = run_main_experiment(tiny_gpt2, tasks, protocol, progress=False, store=store)
     assert sorted(again.meta["cached_tasks"]) == ["en_fr", "next_letter"]
     pd.testing.assert_frame_equal(first.accuracy.drop(columns="seconds"), again.accuracy.drop(columns="seconds"))
@@ -109,7 +111,7 @@ def test_a_skipped_task_is_cached_so_a_warm_rerun_loads_no_model(tiny_gpt2, tmp_
 
 def test_saturated_tasks_are_read_at_the_common_layer_outside_the_main_experiment():
     from taskvec.experiment import MainResult
-    from taskvec.studies.sections import analysis_layers
+    from taskvec.publishing.sections import analysis_layers
 
     acc = pd.DataFrame({"task": ["list_first", "a", "b", "c", "skipped"],
                         "best_layer": [2, 9, 11, 10, -1],

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from taskvec import experiment, models, store
-from taskvec.experiment import Protocol, run_main_experiment
+from taskvec.experiment import run_main_experiment
+from taskvec.settings import Protocol
 from taskvec.store import Store, make_key
 from taskvec.tasks import load_task, load_tasks
 
@@ -22,13 +23,18 @@ def test_placement_is_decided_without_loading():
     assert models.placement("org/model", "cuda:1", torch.float16) == ("cuda", "float16")  # type, not index
 
 
-def test_device_and_dtype_are_in_the_main_key():
+def test_device_and_dtype_are_in_the_main_key(monkeypatch):
     task, protocol = load_task("next_letter"), Protocol()
-    keys = {(device, dtype): experiment.task_key("org/model", "w", task, protocol, device=device, dtype=dtype)
-            for device in ("cpu", "cuda") for dtype in ("float32", "bfloat16")}
+    where = models.placement("org/model")
+    keys = {}
+    for device in ("cpu", "cuda"):
+        for dtype in ("float32", "bfloat16"):
+            monkeypatch.setattr(models, "placement", lambda *a, d=device, t=dtype, **k: (d, t))
+            keys[(device, dtype)] = experiment.main_keys("org/model", [task], protocol)[task.name]
+    monkeypatch.undo()
     assert len(set(keys.values())) == 4
     # A name alone is keyed where load_model would put it.
-    assert experiment.task_key("org/model", "w", task, protocol) == keys[models.placement("org/model")]
+    assert experiment.main_keys("org/model", [task], protocol)[task.name] == keys[where]
 
 
 def test_same_model_in_bf16_is_not_a_cache_hit(tmp_path, monkeypatch):
@@ -64,19 +70,19 @@ def test_local_fingerprint_covers_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"vocab": {"a": 0}}')
     (tmp_path / "generation_config.json").write_text('{"do_sample": false}')
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 64)
-    first = store.model_fingerprint(str(tmp_path))
-    assert store.model_fingerprint(str(tmp_path)) == first
+    first = models.model_fingerprint(str(tmp_path))
+    assert models.model_fingerprint(str(tmp_path)) == first
     (tmp_path / "tokenizer.json").write_text('{"vocab": {"b": 0}}')
-    changed = store.model_fingerprint(str(tmp_path))
+    changed = models.model_fingerprint(str(tmp_path))
     assert changed != first
     (tmp_path / "generation_config.json").write_text('{"do_sample": true}')
-    assert store.model_fingerprint(str(tmp_path)) not in (first, changed)
+    assert models.model_fingerprint(str(tmp_path)) not in (first, changed)
 
 
 def test_hub_fingerprint_names_the_revision():
-    assert store.model_fingerprint("org/model") == "hub:org/model@main"
-    assert store.model_fingerprint("org/model", "0123abc") == "hub:org/model@0123abc"
-    assert store.model_fingerprint("org/model", "0123abc") != store.model_fingerprint("org/model", "4567def")
+    assert models.model_fingerprint("org/model") == "hub:org/model@main"
+    assert models.model_fingerprint("org/model", "0123abc") == "hub:org/model@0123abc"
+    assert models.model_fingerprint("org/model", "0123abc") != models.model_fingerprint("org/model", "4567def")
 
 
 def test_load_model_passes_the_revision_through(monkeypatch):

@@ -16,11 +16,17 @@ import torch
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from .. import mechanism
 from ..errors import SettingError
-from ..experiment import Protocol, Scorer, single_token_examples
 from ..models import TaskModel
 from ..prompts import sample_prompts
+from ..scoring import Scorer, choose_layer, single_token_examples
+from ..settings import Protocol
+from ..store import read_json
+from ..study import Study
 from ..tasks import Example, Task
 
 
@@ -118,7 +124,7 @@ CONFLICT_CURVE_COLUMNS = ["task_a", "task_b", "layer", "acc_a", "acc_b"]
 
 
 def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Protocol,
-                      n_prompts: int = 50, n_shots: int = 4, n_dev: int = 25) -> dict[str, pd.DataFrame]:
+                      n_prompts: int = 50, n_shots: int = 4, n_dev: int = 25) -> "PairResult":
     """Table 2 for one pair: accuracy w.r.t. A and B, without (Regular) and with θ_B patched (Conflicting).
 
     Prompts hold ``n_shots`` demonstrations of A and a query that both tasks define; θ_B comes
@@ -127,7 +133,7 @@ def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Pr
     on ``n_dev`` dev prompts, every layer is tried and the earliest with the best accuracy w.r.t. B
     is kept; the table is then scored on ``n_prompts`` held-out test prompts.
 
-    Returns ``table`` (one row per condition: task_a, task_b, condition, acc_a, acc_b, n, layer,
+    Returns a :class:`PairResult`: ``table`` (one row per condition: task_a, task_b, condition, acc_a, acc_b, n, layer,
     n_dev) and ``dev_curve`` (one row per layer: task_a, task_b, layer, acc_a, acc_b).
     """
     # Both tasks in A's format: θ_B is read from prompts written as A's, and B's answers are
@@ -142,9 +148,8 @@ def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Pr
 
     def accuracies(ids: torch.Tensor, prompts_a) -> tuple[float, float]:
         ids_list = ids.tolist()
-        texts = [model.tokenizer.decode([i]) for i in ids_list]
-        acc_a = np.mean(score_a(ids_list, texts, [p.query for p in prompts_a]))
-        acc_b = np.mean(score_b(ids_list, texts, [b_by_input[p.query.input] for p in prompts_a]))
+        acc_a = np.mean(score_a(ids_list, [p.query for p in prompts_a]))
+        acc_b = np.mean(score_b(ids_list, [b_by_input[p.query.input] for p in prompts_a]))
         return float(acc_a), float(acc_b)
 
     def theta(prompts_b, phase: str) -> torch.Tensor:
@@ -156,7 +161,7 @@ def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Pr
     curve = pd.DataFrame([{"task_a": task_a.name, "task_b": task_b.name, "layer": layer,
                            **dict(zip(("acc_a", "acc_b"), accuracies(sweep[layer], dev_a)))}
                           for layer in range(model.n_layers)])
-    layer = int(curve["acc_b"].to_numpy().argmax())  # earliest layer among ties
+    layer = choose_layer(curve["acc_b"].tolist())
 
     test_a, test_b = conflict_prompts(task_a, task_b, n_prompts, n_shots, protocol.seed, "test", protocol.n_dummies)
     texts = [p.regular_text(fmt) for p in test_a]
@@ -168,7 +173,28 @@ def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Pr
         acc_a, acc_b = accuracies(ids, test_a)
         rows.append({"task_a": task_a.name, "task_b": task_b.name, "condition": condition, "acc_a": acc_a,
                      "acc_b": acc_b, "n": len(test_a), "layer": layer, "n_dev": n_dev})
-    return {"table": pd.DataFrame(rows), "dev_curve": curve}
+    return PairResult(pd.DataFrame(rows, columns=CONFLICT_COLUMNS), curve)
+
+
+@dataclass
+class PairResult:
+    """One conflicting pair: ``table`` (one row per condition, :data:`CONFLICT_COLUMNS`) and ``dev_curve``
+    (one row per layer, :data:`CONFLICT_CURVE_COLUMNS`)."""
+
+    table: pd.DataFrame
+    dev_curve: pd.DataFrame
+
+    def save(self, folder: Path) -> None:
+        self.table.to_csv(folder / "table.csv", index=False)
+        self.dev_curve.to_csv(folder / "dev_curve.csv", index=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> "PairResult":
+        return cls(pd.read_csv(folder / "table.csv"), pd.read_csv(folder / "dev_curve.csv"))
+
+
+#: Dominance in the cache: one entry per (model, pair, protocol, sizes).
+DOMINANCE = Study("dominance", PairResult, ("studies/analysis.py",))
 
 
 # --- interpretation: θ in the vocabulary --------------------------------------------
@@ -217,3 +243,21 @@ def answer_tokens(tokens: pd.DataFrame, tasks: dict[str, Task], min_chars: int =
         rows.append({"task": task_name, "n_top": len(group), "n_answer_tokens": len(hits),
                      "answer_tokens": " ".join(repr(t) for t in hits)})
     return pd.DataFrame(rows)
+
+
+@dataclass
+class TokensResult:
+    """Top tokens of each task's mean θ (rows as :func:`task_vector_tokens` returns them)."""
+
+    tokens: pd.DataFrame
+
+    def save(self, folder: Path) -> None:
+        self.tokens.to_json(folder / "tokens.json", orient="records", force_ascii=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> "TokensResult":
+        return cls(pd.DataFrame(read_json(folder / "tokens.json")))
+
+
+#: Interpretation in the cache: one entry per (model, task vectors, layers, k).
+INTERPRETATION = Study("interpretation", TokensResult, ("studies/analysis.py",))

@@ -13,23 +13,24 @@ answers, the protocol's scoring rule):
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 import torch
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from .. import mechanism
-from ..errors import SettingError, positive_int
-from ..experiment import Protocol, Scorer, model_identity, read_records, single_token_examples, write_records
+from ..errors import SettingError
 from ..models import TaskModel, load_model
 from ..prompts import TooFewExamples, sample_prompts
-from ..remote import where as remote_where
-from ..store import CONTEXT_MODULES, Store, make_key
+from ..scoring import Scorer
+from ..settings import Count, Protocol, Settings
+from ..store import Store, read_records, write_records
+from ..study import ModelRef, Study, cached
 from ..tasks import Task
 
 SHOTS = (1, 2, 3, 5, 8, 12)
@@ -48,24 +49,13 @@ def check_counts(name: str, values: Sequence[int]) -> list[int]:
     return sorted(values)
 
 
-def _usable(model: TaskModel, task: Task, protocol: Protocol):
-    fmt = protocol.format_for(task, model.tokenizer)
-    usable = single_token_examples(task, model.tokenizer, fmt) if protocol.single_token else task
-    return fmt, usable
-
-
-def _scored(model: TaskModel, score: Scorer, ids: torch.Tensor, examples) -> list[bool]:
-    texts = [model.tokenizer.decode([int(i)]) for i in ids]
-    return score(ids.tolist(), texts, examples)
-
-
 def shots_curve(model: TaskModel, task: Task, protocol: Protocol, layer: int, shots: Sequence[int] = SHOTS,
                 n_prompts: int = 20) -> pd.DataFrame:
     """Per number of shots: Hypothesis (θ of the prompt, patched after ``layer`` into its query alone) and
     Regular (the prompt with its query) on ``n_prompts`` prompts. One row per prompt and condition:
     task, shots, condition, prompt, correct. A shot count the task has too few examples for is left out."""
     shots = check_counts("shots", shots)
-    fmt, usable = _usable(model, task, protocol)
+    fmt, usable = protocol.usable(task, model.tokenizer)
     score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
     rows = []
     for n_shots in shots:
@@ -80,7 +70,7 @@ def shots_curve(model: TaskModel, task: Task, protocol: Protocol, layer: int, sh
                                                    protocol.patch_batch_size, "shots patch")[0]
         examples = [q.query for q in prompts]
         for condition, ids in (("hypothesis", hypothesis), ("regular", regular)):
-            for i, ok in enumerate(_scored(model, score, ids, examples)):
+            for i, ok in enumerate(score(ids.tolist(), examples)):
                 rows.append({"task": task.name, "shots": n_shots, "condition": condition, "prompt": i, "correct": ok})
     return pd.DataFrame(rows, columns=["task", "shots", "condition", "prompt", "correct"])
 
@@ -110,7 +100,7 @@ def contexts_curve(model: TaskModel, task: Task, protocol: Protocol, layer: int,
     contexts = check_counts("contexts", contexts)
     if max(contexts) > pool:
         raise SettingError(f"the largest context count ({max(contexts)}) exceeds the pool of {pool} prompts")
-    fmt, usable = _usable(model, task, protocol)
+    fmt, usable = protocol.usable(task, model.tokenizer)
     need = protocol.n_shots + 1 + protocol.n_dummies
     held, rest = held_out_split(usable, n_queries, need, protocol.seed)
     prompts = sample_prompts(usable.restrict(rest), pool, protocol.n_shots, protocol.seed, "contexts",
@@ -125,11 +115,11 @@ def contexts_curve(model: TaskModel, task: Task, protocol: Protocol, layer: int,
     vectors[:, layer] = means.repeat_interleave(len(queries), dim=0)
     ids = mechanism.patched_next_tokens(model, texts, vectors, [layer], protocol.patch_batch_size, "contexts patch")[0]
     score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
-    correct = _scored(model, score, ids, held * len(plan))
+    correct = score(ids.tolist(), held * len(plan))
     rows = [{"task": task.name, "k": k, "group": g, "condition": "hypothesis", "query": i,
              "correct": correct[j * len(queries) + i]}
             for j, (k, g) in enumerate(plan) for i in range(len(queries))]
-    base = _scored(model, score, mechanism.next_tokens(model, queries, protocol.batch_size, "contexts baseline"), held)
+    base = score(mechanism.next_tokens(model, queries, protocol.batch_size, "contexts baseline").tolist(), held)
     rows += [{"task": task.name, "k": 0, "group": 0, "condition": "baseline", "query": i, "correct": ok}
              for i, ok in enumerate(base)]
     return pd.DataFrame(rows)
@@ -142,24 +132,46 @@ def curve_summary(frame: pd.DataFrame, x: str) -> pd.DataFrame:
     return pd.concat([per_task, mean[per_task.columns]], ignore_index=True)
 
 
-@dataclass(frozen=True)
-class Sizes:
+class Sizes(Settings):
     """How large the two curves are (see :func:`shots_curve` and :func:`contexts_curve`)."""
 
-    shots: tuple[int, ...] = SHOTS
-    contexts: tuple[int, ...] = CONTEXTS
-    n_prompts: int = 20  # prompts per shot count
-    pool: int = 32  # prompts whose θ the context means are drawn from
-    max_groups: int = 8  # disjoint groups per context count
-    n_queries: int = 25  # held-out queries
+    shots: list[int] = Field(list(SHOTS), description="demonstrations per prompt, for the shots curve")
+    contexts: list[int] = Field(list(CONTEXTS), description="prompts averaged into θ, for the contexts curve")
+    n_prompts: Count = Field(16, description="prompts per shot count")
+    pool: Count = Field(32, description="prompts whose θ the context means are drawn from (at least the largest of contexts)")
+    max_groups: Count = Field(4, description="disjoint groups of prompts per context count")
+    n_queries: Count = Field(25, description="held-out queries each mean θ is scored on")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shots", tuple(check_counts("shots", self.shots)))
-        object.__setattr__(self, "contexts", tuple(check_counts("contexts", self.contexts)))
-        for name in ("n_prompts", "pool", "max_groups", "n_queries"):
-            positive_int(name, getattr(self, name))
+    @field_validator("shots", "contexts")
+    @classmethod
+    def _counts(cls, values: list[int], info) -> list[int]:
+        return check_counts(info.field_name, values)
+
+    @model_validator(mode="after")
+    def _pool_holds_contexts(self) -> "Sizes":
         if max(self.contexts) > self.pool:
             raise SettingError(f"the largest context count ({max(self.contexts)}) exceeds pool ({self.pool})")
+        return self
+
+
+@dataclass
+class ContextTaskResult:
+    """One task's two curves (rows as :func:`shots_curve` and :func:`contexts_curve` return them)."""
+
+    shots: pd.DataFrame
+    contexts: pd.DataFrame
+
+    def save(self, folder: Path) -> None:
+        write_records(folder / "shots.jsonl", self.shots)
+        write_records(folder / "contexts.jsonl", self.contexts)
+
+    @classmethod
+    def load(cls, folder: Path) -> "ContextTaskResult":
+        return cls(read_records(folder / "shots.jsonl"), read_records(folder / "contexts.jsonl"))
+
+
+#: What θ needs in the cache: one entry per (model, task, protocol, layer, sizes).
+CONTEXT = Study("context", ContextTaskResult, ("studies/context.py",))
 
 
 @dataclass
@@ -170,14 +182,6 @@ class ContextResult:
     seconds: dict[str, float]
 
 
-def task_key(model: TaskModel | str, task: Task, protocol: Protocol, layer: int, sizes: Sizes,
-             remote: bool | str = False) -> str:
-    """Cache key of one task's curves: the model's identity, the task's data, the protocol, the layer,
-    the sizes and the code of the method and of this module."""
-    return make_key(CONTEXT_MODULES, kind="context", **model_identity(model, protocol, remote), task=task.identity(),
-                    protocol=protocol, layer=layer, sizes=sizes)
-
-
 def run(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol, layers: dict[str, int],
         sizes: Sizes = Sizes(), store: Store | None = None, loader=load_model, remote: bool | str = False,
         progress: bool = True) -> ContextResult:
@@ -185,32 +189,21 @@ def run(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol, layer
     missing = [t.name for t in tasks if t.name not in layers]
     if missing:
         raise SettingError(f"no layer given for task(s) {', '.join(missing)}")
-    name = model if isinstance(model, str) else model.name
-    loaded: list[TaskModel] = [] if isinstance(model, str) else [model]
+    ref = ModelRef(model, loader, dtype=protocol.dtype, remote=remote)
     shots, contexts, seconds = [], [], {}
-    for task in tqdm(tasks, desc=f"what θ needs ({name})", unit="task", disable=not progress):
+    for task in tqdm(tasks, desc=f"what θ needs ({ref.name})", unit="task", disable=not progress):
         layer = int(layers[task.name])
-        key = task_key(model, task, protocol, layer, sizes, remote) if store else ""
-        if store and store.has("context", name, key):
-            folder = store.path("context", name, key)
-            shot_rows, context_rows = read_records(folder / "shots.jsonl"), read_records(folder / "contexts.jsonl")
-            seconds[task.name] = json.loads((folder / "meta.json").read_text())["seconds"]
-        else:
-            if not loaded:
-                loaded.append(loader(model))
-            start = time.perf_counter()
-            with remote_where(task=task.name):
-                shot_rows = shots_curve(loaded[0], task, protocol, layer, sizes.shots, sizes.n_prompts)
-                context_rows = contexts_curve(loaded[0], task, protocol, layer, sizes.contexts, sizes.pool,
-                                              sizes.max_groups, sizes.n_queries)
-            seconds[task.name] = round(time.perf_counter() - start, 2)
-            if store:
-                def write(folder, s=shot_rows, c=context_rows, t=seconds[task.name]):
-                    write_records(folder / "shots.jsonl", s)
-                    write_records(folder / "contexts.jsonl", c)
-                    (folder / "meta.json").write_text(json.dumps({"seconds": t, "layer": layer}))
-                store.save("context", name, key, write)
-        shots.append(shot_rows)
-        contexts.append(context_rows)
+
+        def compute(m: TaskModel, task=task, layer=layer) -> ContextTaskResult:
+            return ContextTaskResult(
+                shots_curve(m, task, protocol, layer, sizes.shots, sizes.n_prompts),
+                contexts_curve(m, task, protocol, layer, sizes.contexts, sizes.pool, sizes.max_groups,
+                               sizes.n_queries))
+
+        outcome = cached(CONTEXT, ref, task.name, compute, store, task=task.identity(), protocol=protocol,
+                         layer=layer, sizes=sizes)
+        shots.append(outcome.result.shots)
+        contexts.append(outcome.result.contexts)
+        seconds[task.name] = outcome.seconds
     return ContextResult(shots=pd.concat(shots, ignore_index=True), contexts=pd.concat(contexts, ignore_index=True),
                          layers={t.name: int(layers[t.name]) for t in tasks}, seconds=seconds)

@@ -13,22 +13,24 @@ whole answer (the generated text up to the separator, stripped, equals an accept
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+from pydantic import Field
 from tqdm import tqdm
 
 from .. import mechanism
 from ..errors import positive_int
-from ..experiment import Protocol, Scorer, model_identity, read_records, write_records
 from ..models import TaskModel, load_model
-from ..prompts import PromptFormat, sample_prompts
-from ..remote import where as remote_where
-from ..store import LONG_ANSWER_MODULES, Store, make_key
-from ..tasks import Example, Task
+from ..prompts import sample_prompts
+from ..scoring import Scorer, answer_length, choose_layer, full_match
+from ..settings import Count, Protocol, Settings
+from ..store import Store, read_json, read_records, write_json, write_records
+from ..tasks import Task
+from ..study import ModelRef, Study, cached
 
 CONDITIONS = ("baseline", "hypothesis", "regular")
 
@@ -43,18 +45,17 @@ def answer_text(tokenizer, ids, separator: str) -> str:
     return tokenizer.decode(list(ids)).split(separator, 1)[0].strip()
 
 
-def answer_tokens(tokenizer, fmt: PromptFormat, example: Example) -> int:
-    """How many tokens the canonical answer takes right after its query line (what the model must
-    produce before the separator)."""
-    context = tokenizer(fmt.query(example.input)).input_ids
-    full = tokenizer(fmt.query(example.input) + fmt.answer(example.output)).input_ids
-    start = next((j for j, (a, b) in enumerate(zip(context, full)) if a != b), len(context))
-    return len(full) - start
+def stopped(ids, stop_ids) -> bool:
+    """Whether a generated answer ended on a stop token (its last id is one), rather than at the token limit."""
+    return bool(len(ids)) and int(ids[-1]) in set(stop_ids)
 
 
-def full_match(text: str, example: Example) -> bool:
-    """The whole answer is right: the stripped text equals an accepted answer."""
-    return bool(text) and text in {answer.strip() for answer in example.outputs}
+class LongAnswerParams(Settings):
+    """Sizes of the long-answer study beside the protocol's shots, dummies, seed and format."""
+
+    max_new_tokens: Count = Field(8, description="longest answer generated, in tokens (the separator included)")
+    n_dev: Count = Field(20, description="dev prompts per task on which L is chosen (first-token accuracy of the patched query)")
+    n_test: Count = Field(32, description="test prompts per task, answered under all three conditions")
 
 
 @dataclass
@@ -67,6 +68,20 @@ class LongAnswerResult:
     predictions: pd.DataFrame
     seconds: float
     format: str
+
+    def save(self, folder: Path) -> None:
+        write_json(folder / "result.json", {"task": self.task, "best_layer": self.best_layer,
+                                            "dev_accuracy": self.dev_accuracy, "seconds": round(self.seconds, 2),
+                                            "format": self.format})
+        write_records(folder / "predictions.jsonl", self.predictions)
+
+    @classmethod
+    def load(cls, folder: Path) -> "LongAnswerResult":
+        return cls(**read_json(folder / "result.json"), predictions=read_records(folder / "predictions.jsonl"))
+
+
+#: The long-answer study in the cache: one entry per (model, task, protocol, token limit).
+LONG_ANSWERS = Study("long_answers", LongAnswerResult, ("studies/long_answers.py",))
 
 
 def run_task(model: TaskModel, task: Task, protocol: Protocol, max_new_tokens: int) -> LongAnswerResult:
@@ -83,20 +98,12 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, max_new_tokens: i
     test = sample_prompts(task, p.n_test, p.n_shots, p.seed, "test", p.n_dummies)
     score = Scorer(task, model.tokenizer, fmt)
 
-    def first_ok(ids, examples) -> list[bool]:  # the first token's text, stripped, starts an accepted answer
-        out = []
-        for i, ex in zip(ids, examples):
-            firsts = {model.tokenizer.decode([t]).strip() for t in score.first_tokens(ex)}
-            text = model.tokenizer.decode([int(i)]).strip()
-            out.append(bool(text) and text in firsts)
-        return out
-
     dev_vectors = mechanism.task_vectors(model, [q.dummy_texts(fmt) for q in dev], p.batch_size, "dev extract")
     sweep = mechanism.patched_next_tokens(model, [q.query_text(fmt) for q in dev], dev_vectors,
                                           range(model.n_layers), p.patch_batch_size, "dev sweep")
-    dev_accuracy = [sum(first_ok(sweep[layer].tolist(), [q.query for q in dev])) / len(dev)
+    dev_accuracy = [sum(score.first_token_text(sweep[layer].tolist(), [q.query for q in dev])) / len(dev)
                     for layer in range(model.n_layers)]
-    best = max(range(model.n_layers), key=lambda layer: (dev_accuracy[layer], -layer))
+    best = choose_layer(dev_accuracy)
 
     theta = mechanism.task_vectors(model, [q.dummy_texts(fmt) for q in test], p.batch_size, "test extract")
     queries = [q.query_text(fmt) for q in test]
@@ -110,17 +117,17 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, max_new_tokens: i
                                        phase="baseline generate"),
     }
     examples = [q.query for q in test]
-    lengths = [answer_tokens(model.tokenizer, fmt, ex) for ex in examples]
-    stops = set(mechanism.stop_token_ids(model, separator))  # generate keeps the token that ended an answer
+    lengths = [answer_length(model.tokenizer, fmt, ex) for ex in examples]
+    stops = mechanism.stop_token_ids(model, separator)  # generate keeps the token that ended an answer
     rows = []
     for condition in CONDITIONS:
         outputs = generated[condition]
-        firsts = first_ok([ids[0] for ids in outputs], examples)
+        firsts = score.first_token_text([ids[0] for ids in outputs], examples)
         for i, (ids, ex) in enumerate(zip(outputs, examples)):
             text = answer_text(model.tokenizer, ids, separator)
             rows.append({"task": task.name, "condition": condition, "prompt": i, "query": ex.input,
                          "expected": ex.output, "answer_tokens": lengths[i], "generated": text,
-                         "n_generated": len(ids), "stopped": ids[-1] in stops,
+                         "n_generated": len(ids), "stopped": stopped(ids, stops),
                          "first_token_correct": bool(firsts[i]), "full_correct": full_match(text, ex)})
     return LongAnswerResult(task=task.name, best_layer=best, dev_accuracy=dev_accuracy,
                             predictions=pd.DataFrame(rows), seconds=time.perf_counter() - start, format=fmt.name)
@@ -174,44 +181,19 @@ class LongAnswers:
     max_new_tokens: int
 
 
-def task_key(model: TaskModel | str, task: Task, protocol: Protocol, max_new_tokens: int,
-             remote: bool | str = False) -> str:
-    """Cache key of one task's result: the model's identity, the task's data, the protocol, the token limit
-    and the code of the method and of this module."""
-    return make_key(LONG_ANSWER_MODULES, kind="long_answers", **model_identity(model, protocol, remote),
-                    task=task.identity(), protocol=protocol, max_new_tokens=max_new_tokens)
-
-
 def run(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol, max_new_tokens: int,
         store: Store | None = None, loader=load_model, remote: bool | str = False, progress: bool = True) -> LongAnswers:
     """:func:`run_task` on every task, each result read from / written to ``store`` when given (so an
     interrupted run resumes, and ``model`` may be a name loaded only if some task is missing)."""
     check_max_new_tokens(max_new_tokens)
-    name = model if isinstance(model, str) else model.name
-    loaded: list[TaskModel] = [] if isinstance(model, str) else [model]
-    preds, curves, layers, seconds = [], [], {}, {}
-    for task in tqdm(tasks, desc=f"long answers ({name})", unit="task", disable=not progress):
-        key = task_key(model, task, protocol, max_new_tokens, remote) if store else ""
-        if store and store.has("long_answers", name, key):
-            folder = store.path("long_answers", name, key)
-            info = json.loads((folder / "result.json").read_text())
-            predictions = read_records(folder / "predictions.jsonl")
-        else:
-            if not loaded:
-                loaded.append(loader(model))
-            with remote_where(task=task.name):
-                result = run_task(loaded[0], task, protocol, max_new_tokens)
-            info = {"task": task.name, "best_layer": result.best_layer, "dev_accuracy": result.dev_accuracy,
-                    "seconds": round(result.seconds, 2), "format": result.format}
-            predictions = result.predictions
-            if store:
-                def write(folder, info=info, predictions=predictions):
-                    (folder / "result.json").write_text(json.dumps(info, indent=1))
-                    write_records(folder / "predictions.jsonl", predictions)
-                store.save("long_answers", name, key, write)
-        preds.append(predictions)
-        layers[task.name], seconds[task.name] = info["best_layer"], info["seconds"]
-        curves += [{"task": task.name, "layer": layer, "dev_acc": acc} for layer, acc in enumerate(info["dev_accuracy"])]
-    predictions = pd.concat(preds, ignore_index=True)
-    return LongAnswers(predictions=predictions, accuracy=wide_table(predictions, layers),
-                       dev_curve=pd.DataFrame(curves), seconds=seconds, model=name, max_new_tokens=max_new_tokens)
+    ref = ModelRef(model, loader, dtype=protocol.dtype, remote=remote)
+    results: list[LongAnswerResult] = []
+    for task in tqdm(tasks, desc=f"long answers ({ref.name})", unit="task", disable=not progress):
+        results.append(cached(LONG_ANSWERS, ref, task.name,
+                              lambda m, task=task: run_task(m, task, protocol, max_new_tokens), store,
+                              task=task.identity(), protocol=protocol, max_new_tokens=max_new_tokens).result)
+    predictions = pd.concat([r.predictions for r in results], ignore_index=True)
+    curves = [{"task": r.task, "layer": layer, "dev_acc": acc} for r in results for layer, acc in enumerate(r.dev_accuracy)]
+    return LongAnswers(predictions=predictions, accuracy=wide_table(predictions, {r.task: r.best_layer for r in results}),
+                       dev_curve=pd.DataFrame(curves), seconds={r.task: round(r.seconds, 2) for r in results},
+                       model=ref.name, max_new_tokens=max_new_tokens)
