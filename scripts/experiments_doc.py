@@ -1,6 +1,6 @@
 """Write book/experiments.md, the reference of the experiment file's keys, from the models the runner
 validates the file against (taskvec/publishing/schema.py): their JSON schema gives each key's type, default and
-description; the protocol settings are the fields of taskvec.Protocol, described by their comments.
+description; the protocol settings are the fields of taskvec.Protocol, with their descriptions.
 
     .venv/bin/python scripts/experiments_doc.py          # rewrite book/experiments.md
     .venv/bin/python scripts/experiments_doc.py --check  # exit 1 if it is stale
@@ -82,8 +82,8 @@ def table(schema: dict, defs: dict, head: str) -> str:
 
 
 def render() -> str:
-    from taskvec.publishing.runner import COMMON, NOTEBOOKS
-    from taskvec.publishing.schema import ExperimentFile
+    from taskvec.publishing.runner import NOTEBOOKS
+    from taskvec.publishing.schema import COMMON, ExperimentFile
 
     schema = ExperimentFile.model_json_schema()
     defs = schema.get("$defs", {})
@@ -99,10 +99,12 @@ def render() -> str:
         table(defs["ProfileSpec"], defs, "key"),
         "The keys under `sections` are the section notebooks, in reading order: "
         + ", ".join(f"`{n}`" for n in NOTEBOOKS) + ". A section's parameters may not set the ones every "
-        "section takes from the profile: " + ", ".join(f"`{c}`" for c in COMMON) + ".",
+        "section takes from the profile: " + ", ".join(f"`{c}`" for c in COMMON) + ". Each section's parameters "
+        "are the settings model of its notebook in `taskvec/publishing/sections.py` (the notebook's parameters "
+        "cell is written from it), checked with the profile's values before anything runs.",
         "## Protocol settings",
         "The keys under a profile's `protocol` are the fields of `taskvec.Protocol`; a setting left out takes "
-        "its default, the paper's value. The descriptions are the fields' comments in `taskvec/experiment.py`.",
+        "its default, the paper's value. The descriptions are the fields' descriptions in `taskvec/settings.py`.",
         table(defs["ProtocolSpec"], defs, "setting"),
     ]
     return "\n\n".join(parts) + "\n"

@@ -17,7 +17,7 @@ import yaml
 from browser import WIDTH, chromium, png_size  # noqa: F401 (chromium: a fixture)
 from glue_check import check_glue, glue_roles
 from taskvec.publishing import book, runner
-from taskvec.studies import sections
+from taskvec.publishing import sections
 
 ROOT = Path(__file__).parent.parent
 CHART_PAGES = {"data": 1, "finding_L": 2, "accuracy": 2, "geometry": 2, "dominance": 2, "beyond": 2, "needs": 2,

@@ -53,19 +53,54 @@ def test_imports_run_one_way():
 
 
 def test_the_rule_catches_a_wrong_way_import():
-    assert violations("taskvec.mechanism", {"taskvec.studies.sections"})
+    assert violations("taskvec.mechanism", {"taskvec.publishing.sections"})
     assert violations("taskvec.studies.analysis", {"taskvec.publishing.charts"})
-    assert not violations("taskvec.publishing.runner", {"taskvec.studies.sections", "taskvec.experiment"})
-    # Relative imports resolve: sections imports its sibling studies and the method one level up.
-    found = imported(PACKAGE / "studies" / "sections.py")
+    assert not violations("taskvec.publishing.runner", {"taskvec.publishing.sections", "taskvec.experiment"})
+    # Relative imports resolve: sections imports the studies one level up and the method above them.
+    found = imported(PACKAGE / "publishing" / "sections.py")
     assert {"taskvec.studies.analysis", "taskvec.experiment"} <= found, found
 
 
 def test_every_module_lives_in_its_layer():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"} - ENTRY_POINTS
-    assert top == {"arch", "compat", "errors", "experiment", "mechanism", "models", "prompts", "remote", "store",
-                   "tasks"}
+    assert top == {"arch", "compat", "errors", "experiment", "mechanism", "models", "prompts", "remote", "scoring",
+                   "settings", "store", "study", "tasks"}
     assert {p.stem for p in (PACKAGE / "studies").glob("*.py")} - {"__init__"} == {
-        "analysis", "context", "long_answers", "sections", "stats"}
+        "analysis", "context", "long_answers", "stats", "verdicts"}
     assert {p.stem for p in (PACKAGE / "publishing").glob("*.py")} - {"__init__"} == {
-        "book", "charts", "paper", "runner", "schema"}
+        "book", "charts", "paper", "runner", "schema", "sections"}
+
+
+NOTEBOOKS = {p.stem for p in (PACKAGE.parent / "nb").glob("*.ipynb")}
+
+
+def notebook_coupling(source: str) -> list[str]:
+    """What in ``source`` knows the book's notebooks: a path to one, or a mapping keyed by two or more of their
+    names (checks or settings per notebook). Only taskvec/publishing may know them."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                node.value.endswith(".ipynb") or "nb/" in node.value):
+            found.append(f"line {node.lineno}: {node.value!r}")
+        if isinstance(node, ast.Dict):
+            names = {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+            if len(names & NOTEBOOKS) >= 2:
+                found.append(f"line {node.lineno}: a mapping keyed by notebooks {sorted(names & NOTEBOOKS)}")
+    return found
+
+
+def test_only_publishing_knows_the_notebooks():
+    wrong = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if layer_of(".".join(["taskvec", *path.relative_to(PACKAGE).with_suffix("").parts])) != "publishing" \
+                and path.stem not in ENTRY_POINTS:
+            found = notebook_coupling(path.read_text(encoding="utf-8"))
+            if found:
+                wrong[str(path.relative_to(PACKAGE))] = found
+    assert not wrong, wrong
+
+
+def test_the_coupling_rule_catches_checks_keyed_by_notebook():
+    assert notebook_coupling('CHECKS = {"beyond": f, "needs": g}')
+    assert notebook_coupling('path = "nb/accuracy.ipynb"')
+    assert not notebook_coupling('columns = {"accuracy": 1, "n": 2}')

@@ -15,7 +15,8 @@ from taskvec import experiment
 
 from taskvec.publishing import runner
 from taskvec.errors import SettingError
-from taskvec.experiment import Protocol, run_main_experiment
+from taskvec.experiment import run_main_experiment
+from taskvec.settings import Protocol
 from taskvec.publishing.runner import ExperimentFileError, load_experiments
 from taskvec.store import Store
 from taskvec.tasks import load_tasks
@@ -28,8 +29,22 @@ REAL_RUN_TASK = experiment.run_task
 def test_shipped_experiment_file_is_valid_and_matches_the_notebooks():
     default, profiles = load_experiments(ROOT / "experiments.yaml")
     assert default == "paper" and {"paper", "tiny"} <= set(profiles)
-    for profile in profiles.values():
-        runner.check_parameters(profile, ROOT / "nb")
+    for name, profile in profiles.items():
+        runner.check_parameters(name, profile, ROOT / "nb")
+
+
+def test_each_notebook_parameters_cell_is_written_from_its_section_settings():
+    """A notebook declares exactly its section's settings, with their defaults and descriptions: the cell is
+    what taskvec.publishing.sections.parameters_cell writes (one definition, read by the runner too)."""
+    import json
+
+    from taskvec.publishing.sections import SECTIONS, parameters_cell
+
+    assert set(SECTIONS) == {p.stem for p in (ROOT / "nb").glob("*.ipynb")}
+    for notebook in SECTIONS:
+        cells = json.loads((ROOT / "nb" / f"{notebook}.ipynb").read_text(encoding="utf-8"))["cells"]
+        cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        assert "".join(cell["source"]) == parameters_cell(notebook), notebook
 
 
 def write_yaml(tmp_path, data) -> Path:
@@ -51,6 +66,10 @@ OK = {"models": ["gemma-3-270m"], "tasks": ["antonyms"], "protocol": {"n_dev": 2
     ({"profiles": {"p": {**OK, "protocol": {"n_devs": 3}}}}, "profiles.p.protocol: unknown setting(s) n_devs"),
     ({"profiles": {"p": {**OK, "sections": {"geometri": {}}}}}, "unknown section(s) geometri"),
     ({"profiles": {"p": {**OK, "sections": {"geometry": {"models": []}}}}}, "belong(s) to the profile"),
+    ({"profiles": {"p": {**OK, "sections": {"geometry": {"perplexty": 5}}}}},
+     "section geometry has no parameter(s) perplexty"),
+    ({"profiles": {"p": {**OK, "sections": {"beyond": {"n_test": 2.5}}}}},
+     "section beyond: Beyond.n_test must be an integer, got 2.5"),
     ({"default": "q", "profiles": {"p": OK}}, "default profile 'q' is not defined"),
     ({"profiles": {"p": {**OK, "beside": ["gpt2"]}}}, "profiles.p.beside must map model names"),
     ({"profiles": {"p": {**OK, "beside": {"gpt2": "yes"}}}}, "profiles.p.beside.gpt2 must be true, false or an http(s) URL"),
@@ -58,7 +77,10 @@ OK = {"models": ["gemma-3-270m"], "tasks": ["antonyms"], "protocol": {"n_dev": 2
     ({"profiles": {"p": {**OK, "protocol": {"n_dev": "many"}}}},
      "profiles.p.protocol.n_dev: Input should be a valid integer, got 'many'"),
     ({"profiles": {"p": {**OK, "protocol": {"dtype": "float16"}}}}, "profiles.p.protocol.dtype: Input should be"),
-    ({"profiles": {"p": {**OK, "protocol": {"n_dev": 0}}}}, "profiles.p.protocol: Protocol.n_dev must be >= 1"),
+    ({"profiles": {"p": {**OK, "protocol": {"n_dev": 0}}}},
+     "profiles.p.protocol.n_dev: Input should be greater than or equal to 1, got 0"),
+    ({"profiles": {"p": {**OK, "protocol": {"n_dev": True}}}}, "profiles.p.protocol.n_dev: Input should be a valid integer"),
+    ({"profiles": {"p": {**OK, "protocol": {"template": "{x}"}}}}, "profiles.p.protocol: "),
     ({"profiles": {"p": {"tasks": ["antonyms"]}}}, "profiles.p: missing required key models"),
     ({"profiles": {"p": {**OK, "remote": 1}}}, "profiles.p.remote must be true, false or an http(s) URL"),
 ])
@@ -86,17 +108,17 @@ def test_keys_left_empty_take_their_defaults_and_protocol_keeps_only_what_the_fi
     default, profiles = load_experiments(path)
     p = profiles["p"]
     assert default == "p" and (p.tasks, p.sections, p.beside, p.remote, p.description) == ([], {}, {}, False, "")
-    assert p.protocol == {"seed": 7, "n_dev": 3}
+    assert p.protocol_settings() == {"seed": 7, "n_dev": 3}
     assert p.parameters("geometry", "c")["protocol"] == {"seed": 7, "n_dev": 3}
 
 
-def test_schema_keys_are_the_runners_and_the_protocols():
-    from taskvec.publishing.schema import ProfileSpec, ProtocolSpec
-    from taskvec.studies.sections import PROTOCOL_FIELDS
+def test_schema_protocol_is_the_protocol():
+    from taskvec.publishing.schema import ProtocolSpec
 
-    assert set(ProfileSpec.model_fields) == runner.PROFILE_KEYS
-    assert set(ProtocolSpec.model_fields) == PROTOCOL_FIELDS
-    assert all(ProtocolSpec.model_fields[name].default == getattr(Protocol(), name) for name in PROTOCOL_FIELDS)
+    assert list(ProtocolSpec.model_fields) == list(Protocol.model_fields)
+    assert all(ProtocolSpec.model_fields[name].default == getattr(Protocol(), name) for name in Protocol.model_fields)
+    assert all(ProtocolSpec.model_fields[n].description == Protocol.model_fields[n].description
+               for n in Protocol.model_fields)
 
 
 def test_experiment_file_page_is_current():
@@ -113,15 +135,15 @@ def test_experiment_file_page_is_current():
 
 def test_unknown_notebook_parameter_is_rejected_before_compute(tmp_path, monkeypatch):
     path = write_yaml(tmp_path, {"profiles": {"p": {**OK, "sections": {"geometry": {"perplexty": 5}}}}})
-    monkeypatch.setattr("taskvec.studies.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
-    with pytest.raises(SettingError, match="geometry.ipynb has no parameter.*perplexty"):
+    monkeypatch.setattr("taskvec.publishing.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
+    with pytest.raises(SettingError, match="section geometry has no parameter.*perplexty"):
         runner.run("p", path, book_root=tmp_path, build=False, log=lambda *_: None)
 
 
 def test_bad_protocol_value_and_unknown_model_are_rejected_before_compute(tmp_path, monkeypatch):
-    monkeypatch.setattr("taskvec.studies.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr("taskvec.publishing.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
     path = write_yaml(tmp_path, {"profiles": {"p": {**OK, "protocol": {"n_dev": 0}}}})
-    with pytest.raises(SettingError, match="Protocol.n_dev must be >= 1"):
+    with pytest.raises(SettingError, match="protocol.n_dev: Input should be greater than or equal to 1"):
         runner.run("p", path, book_root=tmp_path, build=False, log=lambda *_: None)
     path = write_yaml(tmp_path, {"profiles": {"p": {**OK, "models": ["gemma-9"]}}})
     with pytest.raises(Exception, match="unknown model 'gemma-9'"):
@@ -131,17 +153,21 @@ def test_bad_protocol_value_and_unknown_model_are_rejected_before_compute(tmp_pa
 
 
 @pytest.mark.parametrize("section, params, problem", [
-    ("beyond", {"max_new_tokens": 0}, "section beyond: max_new_tokens must be an integer >= 1, got 0"),
+    ("beyond", {"max_new_tokens": 0}, "section beyond: Beyond.max_new_tokens must be >= 1, got 0"),
     ("beyond", {"long_tasks": ["spel_word"]}, "unknown task.*spel_word"),
     ("beyond", {"run_on": ["smollm2-135m"]}, "run_on names model.*outside the profile's models.*smollm2-135m"),
-    ("beyond", {"n_test": 0}, "n_test must be an integer >= 1"),
-    ("needs", {"contexts": [1, 64]}, "section needs: the largest context count \\(64\\) exceeds pool"),
+    ("beyond", {"n_test": 0}, "n_test must be >= 1"),
+    ("beyond", {"n_test": "5"}, "n_test must be an integer"),
+    ("dominance", {"pairs": [["next_letter"]]}, "each pair names two tasks"),
+    ("geometry", {"perplexity": 0.0}, "perplexity must be > 0"),
+    ("needs", {"contexts": [1, 64]}, "section needs: .*the largest context count \\(64\\) exceeds pool"),
     ("needs", {"shots": []}, "shots must be a non-empty list"),
+    ("needs", {"shots": [1, 2.5]}, "Needs.shots.1 must be an integer"),
     ("needs", {"needs_tasks": ["en_fr"]}, "needs_tasks en_fr are not among the main experiment.s tasks"),
     ("needs", {}, None),  # the defaults: those of the six default tasks the profile runs (here two)
 ])
 def test_bad_section_values_are_rejected_before_compute(tmp_path, monkeypatch, section, params, problem):
-    monkeypatch.setattr("taskvec.studies.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
+    monkeypatch.setattr("taskvec.publishing.sections.main_results", lambda *a, **k: pytest.fail("computed before checking"))
     profile = {**OK, "tasks": ["antonyms", "next_letter"], "sections": {section: params}}
     path = write_yaml(tmp_path, {"profiles": {"p": profile}})
     if problem is None:  # accepted: the run goes on to compute (here: to the patched-out main experiment)
@@ -223,7 +249,7 @@ def fake_book(tmp_path, monkeypatch, profile: dict) -> tuple[list[str], Path]:
     no compute), and a copy of the tasks folder in ``tmp_path`` (``TASKVEC_TASKS``) to edit."""
     shutil.copytree(ROOT / "tasks", tmp_path / "tasks")
     monkeypatch.setenv("TASKVEC_TASKS", str(tmp_path / "tasks"))
-    monkeypatch.setattr("taskvec.studies.sections.main_results", lambda *a, **k: {})
+    monkeypatch.setattr("taskvec.publishing.sections.main_results", lambda *a, **k: {})
     executed = []
 
     def execute(notebook, output, params, key, cwd):
@@ -301,7 +327,7 @@ def test_results_keys_are_the_keys_the_main_experiment_writes(tiny_gpt2, tmp_pat
 
 def test_runs_beside_appear_once_cached_and_are_never_computed(tiny_gpt2, tmp_path, monkeypatch):
     """A profile's ``beside`` runs (e.g. NDIF runs of the paper's models) are read from the cache or left out."""
-    from taskvec.studies import sections
+    from taskvec.publishing import sections
 
     folder = tmp_path / "model"
     tiny_gpt2.hf.save_pretrained(folder)

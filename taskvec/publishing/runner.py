@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -23,7 +22,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,42 +29,25 @@ import yaml
 
 from .. import remote
 from ..errors import SettingError, TaskvecError
-from ..experiment import Protocol, main_keys
+from ..experiment import main_keys
+from ..settings import Protocol
 from ..store import code_version, make_key
 from ..tasks import all_tasks, load_tasks
+from .schema import ProfileSpec
+from .sections import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The package whose every module a notebook may import.
 PACKAGE = Path(__file__).resolve().parents[1]
-#: Section notebooks in reading order; the last two read what the others produced.
-NOTEBOOKS = ("data", "finding_L", "accuracy", "geometry", "dominance", "interpretation", "beyond", "needs", "comparison",
-             "provenance")
-COMMON = ("models", "tasks", "protocol", "cache_dir", "remote", "beside")
-#: The keys of a profile (taskvec.publishing.schema.ProfileSpec).
-PROFILE_KEYS = {"description", "models", "tasks", "protocol", "sections", "remote", "beside"}
+#: Section notebooks in reading order (the sections' settings models); the last two read what the others produced.
+NOTEBOOKS = tuple(SECTIONS)
 
 
 class ExperimentFileError(SettingError):
     """A malformed experiment file; the message names the file and the key."""
 
 
-@dataclass
-class Profile:
-    name: str
-    description: str
-    models: list[str]
-    tasks: list[str]
-    protocol: dict
-    sections: dict[str, dict] = field(default_factory=dict)
-    remote: bool | str = False  # NDIF: True (nnsight's configured host) or a host URL
-    beside: dict[str, bool | str] = field(default_factory=dict)  # cached runs shown beside: model -> remote
-
-    def parameters(self, notebook: str, cache_dir: str = "") -> dict[str, Any]:
-        return {"models": self.models, "tasks": self.tasks, "protocol": self.protocol, "cache_dir": cache_dir,
-                "remote": self.remote, "beside": self.beside, **self.sections.get(notebook, {})}
-
-
-def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
+def load_experiments(path: Path | str) -> tuple[str, dict[str, ProfileSpec]]:
     """Parse and validate an experiment file (against :class:`taskvec.publishing.schema.ExperimentFile`):
     returns (default profile name, profiles). Every problem found is reported, one per line, each
     naming the file and the key path."""
@@ -89,10 +70,7 @@ def load_experiments(path: Path | str) -> tuple[str, dict[str, Profile]]:
         spec = ExperimentFile.model_validate(data)
     except ValidationError as error:
         fail(*problems(error))
-    profiles = {name: Profile(name, p.description, p.models, p.tasks, p.protocol_settings(), p.sections, p.remote,
-                              p.beside)
-                for name, p in spec.profiles.items()}
-    return spec.default_profile(), profiles
+    return spec.default_profile(), dict(spec.profiles)
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:
@@ -105,25 +83,20 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
     return params
 
 
-def check_parameters(profile: Profile, nb_dir: Path) -> None:
-    """Reject, before any compute, every parameter a notebook does not declare, and bad values of the
-    sections that check theirs (:data:`taskvec.studies.sections.CHECKS`, given the notebook's defaults merged
-    with the profile's settings)."""
-    from ..studies.sections import CHECKS
-
+def check_parameters(name: str, profile: ProfileSpec, nb_dir: Path) -> None:
+    """Reject, before any compute, a notebook whose parameters cell does not declare exactly its section's
+    settings (:data:`taskvec.publishing.sections.SECTIONS`); the values were checked with the file."""
     for notebook in NOTEBOOKS:
         path = nb_dir / f"{notebook}.ipynb"
-        declared = notebook_parameters(path)
-        unknown = set(profile.parameters(notebook)) - set(declared)
+        declared = set(notebook_parameters(path))
+        expected = set(SECTIONS[notebook].model_fields)
+        if declared != expected:
+            raise SettingError(f"{path.name}: its parameters cell declares {', '.join(sorted(declared))}, its section's "
+                               f"settings are {', '.join(sorted(expected))}")
+        unknown = set(profile.parameters(notebook)) - declared
         if unknown:
-            raise SettingError(f"profile {profile.name!r}: {path.name} has no parameter(s) "
-                               f"{', '.join(sorted(unknown))} (it declares {', '.join(declared)})")
-        if notebook in CHECKS:
-            defaults = {name: ast.literal_eval(spec["default"]) for name, spec in declared.items()}
-            try:
-                CHECKS[notebook]({**defaults, **profile.parameters(notebook)})
-            except TaskvecError as error:
-                raise SettingError(f"profile {profile.name!r}, section {notebook}: {error}") from None
+            raise SettingError(f"profile {name!r}: {path.name} has no parameter(s) "
+                               f"{', '.join(sorted(unknown))} (it declares {', '.join(sorted(declared))})")
 
 
 def results_keys(models: Sequence[str], tasks: Sequence[str], protocol: Protocol,
@@ -211,8 +184,8 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
     """
     from tqdm.auto import tqdm
 
-    from ..studies import sections
     from ..models import resolve_source
+    from . import sections
 
     default, profiles = load_experiments(experiments)
     name = profile_name or default
@@ -228,8 +201,8 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
     if bad:
         raise SettingError(f"unknown notebook(s) {', '.join(sorted(bad))}; known: {', '.join(NOTEBOOKS)}")
     nb_dir, out_dir = ROOT / "nb", Path(book_root) / "book" / "sections"
-    check_parameters(profile, nb_dir)
-    protocol = sections.protocol_from(profile.protocol)  # validates values before compute
+    check_parameters(name, profile, nb_dir)
+    protocol = Protocol(**profile.protocol_settings())  # checked with the file
 
     started = time.perf_counter()
     log(f"profile {name}: {profile.description}")
@@ -249,7 +222,7 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
     log_path = out_dir / "run_log.json"
     record = {"profile": name, "description": profile.description, "models": profile.models,
               "beside": sorted(results["beside"]),
-              "protocol": profile.protocol, "code_version": code_version(), "versions": versions(),
+              "protocol": profile.protocol_settings(), "code_version": code_version(), "versions": versions(),
               "shared_results_seconds": round(shared_s, 1), "main_experiment": main_record, "notebooks": {}}
     for notebook in tqdm(notebooks, desc="notebooks", unit="nb"):
         params = profile.parameters(notebook, cache_dir)

@@ -6,26 +6,27 @@ name. Messages of this module's own checks are pydantic custom errors of type ``
 read after the key path: "must ..." ones as a sentence (``profiles.p.models must be ...``), the others
 after a colon (``profiles.p.tasks: unknown task(s) antonym``).
 
-Names that live elsewhere are read when a file is validated, not when this module is imported: task
-names (:func:`taskvec.tasks.all_tasks`, which follows ``TASKVEC_TASKS``), and the section notebooks and
-the parameters every notebook shares (``taskvec.publishing.runner.NOTEBOOKS`` and ``COMMON``; the runner imports
-this module).
+Task names are read when a file is validated, not when this module is imported
+(:func:`taskvec.tasks.all_tasks`, which follows ``TASKVEC_TASKS``). The sections and their parameters are
+the settings models of :data:`taskvec.publishing.sections.SECTIONS`: a profile's sections are checked by
+them, with the profile's common values, before anything runs.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
-import re
-from dataclasses import MISSING, fields
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_type_hints
+from typing import Annotated, Any, ClassVar, Optional, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr,
                       StringConstraints, ValidationError, WrapValidator, create_model, model_validator)
 from pydantic_core import PydanticCustomError
 
-from ..errors import SettingError
-from ..experiment import DTYPES, PREFIX_RULES, WORD_FORMATS, Protocol
+from ..errors import SettingError, TaskvecError
+from ..settings import Protocol
+from .sections import SECTIONS
+
+#: The parameters every profile sets for the sections that declare them (not a section's to set).
+COMMON = ("models", "tasks", "protocol", "cache_dir", "remote", "beside")
 
 #: Prefix of the error types raised here (the others are pydantic's own, about types and shapes).
 ERROR_TYPE = "taskvec_"
@@ -85,20 +86,10 @@ class _Mapping(BaseModel):
         return data
 
 
-# --- protocol: the fields of taskvec.experiment.Protocol, typed as there, described by their comments --------
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """The trailing comment of each field in ``cls``'s source (``n_dev: int = 50  # prompts used to choose L``)."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # no source shipped: no descriptions
-        return {}
-    found = re.finditer(r"^    (\w+): [^\n#]*#\s*(.+?)\s*$", source, flags=re.MULTILINE)
-    return {match[1]: match[2] for match in found}
-
+# --- protocol: the fields of taskvec.Protocol, with their types, constraints and descriptions ----------------
 
 def _check_protocol(spec: BaseModel) -> BaseModel:
-    """Values the types allow but :class:`Protocol` does not (``n_dev: 0``, an unknown ``dtype``)."""
+    """What the field types cannot say (a template without ``{x}``): :class:`Protocol` itself decides."""
     try:
         Protocol(**spec.model_dump(exclude_unset=True))
     except SettingError as error:
@@ -110,21 +101,10 @@ class _Settings(_Mapping):
     noun: ClassVar[str] = "setting"
 
 
-#: Protocol fields whose values are one of a list (checked by Protocol too; here they show in the schema).
-PROTOCOL_CHOICES = {"prefix_rule": PREFIX_RULES, "word_format": WORD_FORMATS, "dtype": DTYPES}
-
-
-def _protocol_model() -> type[BaseModel]:
-    hints, comments = get_type_hints(Protocol), _field_comments(Protocol)
-    definitions = {}
-    for f in fields(Protocol):
-        default = None if f.default is MISSING else f.default
-        kind = Literal[PROTOCOL_CHOICES[f.name]] if f.name in PROTOCOL_CHOICES else hints[f.name]
-        definitions[f.name] = (kind, Field(default, description=comments.get(f.name, "")))
-    return create_model("ProtocolSpec", __base__=_Settings, __doc__=Protocol.__doc__, **definitions)
-
-
-ProtocolSpec = _protocol_model()
+#: The protocol as the file writes it: Protocol's own fields (one definition), as a mapping that reports
+#: unknown keys together and keeps only what the file sets.
+ProtocolSpec = create_model("ProtocolSpec", __base__=_Settings, __doc__=Protocol.__doc__,
+                            **{name: (f.annotation, f) for name, f in Protocol.model_fields.items()})
 
 
 # --- a profile --------------------------------------------------------------------------------------------
@@ -139,30 +119,11 @@ def _known_tasks(tasks: list[str]) -> list[str]:
     return tasks
 
 
-def _known_sections(sections: dict[str, dict]) -> dict[str, dict]:
-    from .runner import NOTEBOOKS
-
-    unknown = sorted(set(sections) - set(NOTEBOOKS))
-    if unknown:
-        raise _error("unknown_sections", "unknown section(s) {unknown} (sections: {known})",
-                     unknown=", ".join(unknown), known=", ".join(NOTEBOOKS))
-    return sections
-
-
-def _no_common_parameters(params: dict[str, Any]) -> dict[str, Any]:
-    from .runner import COMMON
-
-    clash = sorted(set(params) & set(COMMON))
-    if clash:
-        raise _error("common_parameter", "{keys} belong(s) to the profile, not a section", keys=", ".join(clash))
-    return params
-
-
 #: Where a model runs: False (here), True (NDIF, nnsight's configured host) or an NDIF host URL.
 Remote = Annotated[Union[StrictBool, Annotated[str, StringConstraints(pattern=r"^https?://")]],
                    _must("must be true, false or an http(s) URL of an NDIF host")]
 CheckedProtocol = Annotated[ProtocolSpec, AfterValidator(_check_protocol), _none_is(dict)]
-SectionParameters = Annotated[dict[StrictStr, Any], AfterValidator(_no_common_parameters)]
+SectionParameters = dict[StrictStr, Any]
 
 
 class ProfileSpec(_Mapping):
@@ -181,8 +142,7 @@ class ProfileSpec(_Mapping):
         {}, validate_default=True, description="Settings of the main experiment, the fields of taskvec.Protocol "
                                                "(see below); a setting left out takes the paper's value.")
     sections: Annotated[dict[StrictStr, SectionParameters],
-                        _must("must map section names to parameter mappings"),
-                        AfterValidator(_known_sections), _none_is(dict)] = Field(
+                        _must("must map section names to parameter mappings"), _none_is(dict)] = Field(
         {}, description="Parameters of single sections: section name -> {parameter: value}. Names are checked "
                         "against each notebook's parameters cell before anything runs.")
     remote: Remote = Field(False, description="Where the models run: false (here), true (NDIF, nnsight's "
@@ -196,6 +156,37 @@ class ProfileSpec(_Mapping):
     def protocol_settings(self) -> dict[str, Any]:
         """The protocol settings the file sets (the others are Protocol's defaults)."""
         return self.protocol.model_dump(exclude_unset=True)
+
+    def parameters(self, notebook: str, cache_dir: str = "") -> dict[str, Any]:
+        """What ``notebook`` is run with: the profile's values of the parameters its section declares
+        (:data:`taskvec.publishing.sections.SECTIONS`), then the section's own."""
+        fields = SECTIONS[notebook].model_fields
+        common = {"models": self.models, "tasks": self.tasks, "protocol": self.protocol_settings(),
+                  "cache_dir": cache_dir, "remote": self.remote, "beside": self.beside}
+        return {**{k: v for k, v in common.items() if k in fields}, **self.sections.get(notebook, {})}
+
+    @model_validator(mode="after")
+    def _sections_are_valid(self) -> "ProfileSpec":
+        """Every section's parameters as its settings model checks them, with the profile's common values."""
+        unknown = sorted(set(self.sections) - set(SECTIONS))
+        if unknown:
+            raise _error("unknown_sections", "sections: unknown section(s) {unknown} (sections: {known})",
+                         unknown=", ".join(unknown), known=", ".join(SECTIONS))
+        for notebook, model in SECTIONS.items():
+            own = self.sections.get(notebook, {})
+            clash = sorted(set(own) & set(COMMON))
+            if clash:
+                raise _error("common_parameter", "sections.{nb}: {keys} belong(s) to the profile, not a section",
+                             nb=notebook, keys=", ".join(clash))
+            extra = sorted(set(own) - set(model.model_fields))
+            if extra:
+                raise _error("section", "section {nb} has no parameter(s) {extra} (it declares {declared})",
+                             nb=notebook, extra=", ".join(extra), declared=", ".join(model.model_fields))
+            try:
+                model(**self.parameters(notebook))
+            except TaskvecError as error:
+                raise _error("section", "section {nb}: {problem}", nb=notebook, problem=str(error)) from None
+        return self
 
 
 class ExperimentFile(_Mapping):

@@ -1,41 +1,227 @@
-"""One call per result, for the book's section notebooks; everything heavy goes through the cache.
+"""The book's section notebooks' facade: their settings, and one cached call per result.
 
-Each function takes the notebook's parameters and returns tidy tables. Results shared
-between sections (the main experiment's θ and accuracies per model) are computed once
-and read back from the :class:`~taskvec.store.Store`; models are loaded only when
-something is missing from it.
+Each section has one settings model (:data:`SECTIONS`): the parameters its notebook declares, typed, with
+their defaults and descriptions. The same model checks a profile of the experiment file before any compute
+(:mod:`taskvec.publishing.runner`), checks the parameters papermill injected at the top of the notebook
+(:func:`settings`), and is what ``book/experiments.md`` documents. The functions below take settings and
+return tidy tables; everything heavy goes through the studies' cache (:mod:`taskvec.study`), and models
+load only when something is missing from it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import fields, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, ClassVar, Sequence, Union
 
 import pandas as pd
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
-from . import analysis, stats
-from ..errors import SettingError, positive_int
-from ..experiment import MainResult, Protocol, main_keys, run_main_experiment
-from ..models import TaskModel, load_model, placement
+from ..errors import SettingError
+from ..experiment import MainResult, main_keys, run_main_experiment
+from ..models import TaskModel, load_model
 from ..prompts import TooFewExamples
 from ..remote import is_remote
 from ..remote import setting as remote_setting
-from ..store import ANALYSIS_MODULES, Store, make_key, model_fingerprint
+from ..settings import Count, Protocol, Settings
+from ..store import Store
+from ..study import ModelRef, Skip, cached, key_of
+from ..studies import analysis, stats
+from ..studies.context import DEFAULT_TASKS, Sizes
+from ..studies.long_answers import LongAnswerParams
 from ..tasks import load_task, load_tasks
 
-PROTOCOL_FIELDS = {f.name for f in fields(Protocol)}
+class _Settings(Settings):
+    """A section's parameters; a protocol given as a mapping of overrides becomes a :class:`Protocol`."""
+
+    @field_validator("protocol", mode="before", check_fields=False)
+    @classmethod
+    def _protocol(cls, value):
+        return Protocol(**value) if isinstance(value, dict) else value
+
+    @field_validator("tasks", check_fields=False)
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        load_tasks(value or None)  # an unknown name is an error here, before any compute
+        return value
 
 
-def protocol_from(params: dict) -> Protocol:
-    """A :class:`Protocol` from a notebook's parameters (unknown protocol keys are an error)."""
-    unknown = set(params) - PROTOCOL_FIELDS
-    if unknown:
-        raise SettingError(f"unknown protocol setting(s): {', '.join(sorted(unknown))}")
-    return Protocol(**params)
+#: Where a model runs: False (here), True (NDIF, nnsight's configured host) or an NDIF host URL.
+Remote = Union[bool, Annotated[str, StringConstraints(pattern=r"^https?://")]]
+
+
+class Section(_Settings):
+    """What every section takes from the profile."""
+
+    #: The notebook (``nb/<notebook>.ipynb``) these are the parameters of.
+    notebook: ClassVar[str] = ""
+
+    models: list[str] = Field(["gemma-3-270m"], min_length=1,
+                              description="models: embedded names, local folders or hub ids")
+    protocol: Protocol = Field(Protocol(), description="overrides of taskvec.Protocol fields (n_shots, n_dev, "
+                                                       "n_test, n_baseline, seed, ...)")
+    cache_dir: str = Field("", description="results cache folder; empty means $TASKVEC_CACHE/results")
+    remote: Remote = Field(False, description="NDIF: true (nnsight's configured host, NDIF_HOST) or a host URL; "
+                                              "false runs here")
+
+    def store(self) -> Store:
+        return store_for(self.cache_dir)
+
+
+class _Tasks(_Settings):
+    tasks: list[str] = Field([], description="task names; an empty list means all 18 tasks")
+
+
+class _Beside(_Settings):
+    beside: dict[str, Remote] = Field({}, description="cached runs shown beside this one: model -> remote (true or "
+                                                      "a host URL); never computed")
+
+
+class _RunOn(_Settings):
+    run_on: list[str] = Field([], description="the models this section runs on, a subset of models; empty: all "
+                                              "of them")
+
+    @model_validator(mode="after")
+    def _subset(self):
+        outside = [m for m in self.run_on if m not in self.models]
+        if outside:
+            raise SettingError(f"run_on names model(s) outside the profile's models ({', '.join(self.models)}): "
+                               f"{', '.join(outside)}")
+        return self
+
+    @property
+    def runs_on(self) -> list[str]:
+        """The models this section runs on: ``run_on``, or all of ``models``."""
+        return list(self.run_on) or list(self.models)
+
+
+class Data(Section, _Tasks):
+    notebook: ClassVar[str] = "data"
+    compare_tasks: list[str] = Field([], description="word tasks also run written bare, for the side-by-side; "
+                                                     "empty: every translation and linguistic task of the run")
+
+
+class FindingL(Section, _Tasks, _Beside):
+    notebook: ClassVar[str] = "finding_L"
+
+
+class Accuracy(Section, _Tasks, _Beside):
+    notebook: ClassVar[str] = "accuracy"
+    seeds: list[int] = Field([], description="further prompt seeds, each a full main experiment beside "
+                                             "protocol.seed (empty: one seed)")
+
+
+class Geometry(Section, _Tasks, _Beside):
+    notebook: ClassVar[str] = "geometry"
+    perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity (capped below the number of vectors)")
+
+
+class Dominance(Section):
+    notebook: ClassVar[str] = "dominance"
+    pairs: list[list[str]] = Field([list(p) for p in analysis.CONFLICT_PAIRS],
+                                   description="(task A in the prompt, task B whose θ is patched)")
+    n_prompts: Count = Field(50, description="prompts per pair")
+    n_shots: Count = Field(4, description="demonstrations of task A per prompt (the paper used 4 here)")
+    n_dev: Count = Field(20, description="dev prompts per pair on which the layer of θ_B is chosen (then "
+                                         "n_prompts held-out test prompts)")
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, value: list[list[str]]) -> list[list[str]]:
+        bad = [p for p in value if len(p) != 2]
+        if bad:
+            raise SettingError(f"each pair names two tasks (A, B), got {bad!r}")
+        load_tasks([t for p in value for t in p])
+        return value
+
+
+class Interpretation(Section, _Tasks, _Beside):
+    notebook: ClassVar[str] = "interpretation"
+    top_k: Count = Field(20, description="tokens listed per task")
+
+
+class Beyond(Section, _RunOn, LongAnswerParams):
+    notebook: ClassVar[str] = "beyond"
+    long_tasks: list[str] = Field(["country_capital", "location_continent", "en_es", "spell_word", "list_reverse"],
+                                  min_length=1, description="tasks to generate for")
+
+    @field_validator("long_tasks")
+    @classmethod
+    def _long_tasks(cls, value: list[str]) -> list[str]:
+        load_tasks(value)
+        return value
+
+
+class Needs(Section, _Tasks, _RunOn, Sizes):
+    notebook: ClassVar[str] = "needs"
+    needs_tasks: list[str] = Field([], description="tasks of the main experiment to run; empty: "
+                                                   "taskvec.studies.context.DEFAULT_TASKS that the main experiment runs")
+
+    @model_validator(mode="after")
+    def _needs_tasks(self):
+        self.chosen_tasks()
+        return self
+
+    def chosen_tasks(self) -> list[str]:
+        """``needs_tasks``, or the default tasks the main experiment runs; each must be among its tasks."""
+        main_tasks = list(self.tasks)
+        chosen = list(self.needs_tasks)
+        if not chosen:
+            chosen = [t for t in DEFAULT_TASKS if not main_tasks or t in main_tasks]
+            if not chosen:
+                raise SettingError(f"none of the default tasks ({', '.join(DEFAULT_TASKS)}) is among the main "
+                                   f"experiment's ({', '.join(main_tasks)}): set needs_tasks")
+        load_tasks(chosen)
+        outside = [t for t in chosen if main_tasks and t not in main_tasks]
+        if outside:
+            raise SettingError(f"needs_tasks {', '.join(outside)} are not among the main experiment's tasks "
+                               f"({', '.join(main_tasks)}): their layer would be unknown")
+        return chosen
+
+    @property
+    def sizes(self) -> Sizes:
+        return Sizes(**{name: getattr(self, name) for name in Sizes.model_fields})
+
+
+class Comparison(Section, _Tasks, _Beside):
+    notebook: ClassVar[str] = "comparison"
+
+
+class Provenance(Section, _Tasks, _Beside):
+    notebook: ClassVar[str] = "provenance"
+    run_log: str = Field("", description="path of the runner's run_log.json (written by python -m taskvec book)")
+
+
+#: Each section's settings, by notebook name, in reading order.
+SECTIONS: dict[str, type[Section]] = {cls.notebook: cls for cls in (
+    Data, FindingL, Accuracy, Geometry, Dominance, Interpretation, Beyond, Needs, Comparison, Provenance)}
+
+
+def _literal(value) -> str:
+    """A default as the parameters cell writes it (JSON style for containers and strings, Python for booleans)."""
+    if isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, Protocol):
+        return "{}"  # overrides of the protocol's defaults: none
+    return json.dumps(value, ensure_ascii=False)
+
+
+def parameters_cell(notebook: str) -> str:
+    """The parameters cell of ``nb/<notebook>.ipynb``, written from its section's settings model: one line per
+    setting, its default and its description (what ``papermill --help-notebook`` shows)."""
+    fields = SECTIONS[notebook].model_fields
+    first = [n for n in ("models", "tasks", "protocol", "cache_dir", "remote", "beside", "run_on") if n in fields]
+    order = first + [n for n in fields if n not in first]
+    return "\n".join(f"{name} = {_literal(fields[name].default)}  # {fields[name].description}" for name in order)
+
+
+def settings(notebook: str, namespace: dict) -> Section:
+    """The section's settings from a notebook's namespace (the parameters cell, with what papermill injected),
+    checked before any compute: a bad value is one SettingError naming the parameter."""
+    model = SECTIONS[notebook]
+    return model(**{name: namespace[name] for name in model.model_fields if name in namespace})
 
 
 def store_for(cache_dir: str | None) -> Store:
@@ -180,7 +366,7 @@ def seed_means(models: str | Sequence[str], tasks: str | Sequence[str] | None, p
     full main experiment with other prompts (cached like the first)."""
     frames = []
     for seed in seeds:
-        runs = main_results(models, tasks, replace(protocol, seed=int(seed)), cache_dir, progress=False, remote=remote)
+        runs = main_results(models, tasks, protocol.replace(seed=int(seed)), cache_dir, progress=False, remote=remote)
         frames.append(mean_intervals(runs, seed=int(seed)).assign(seed=int(seed)))
     table = pd.concat(frames, ignore_index=True)
     return table[["seed"] + [c for c in table.columns if c != "seed"]]
@@ -229,6 +415,11 @@ def geometry(result: MainResult, seed: int = 41, perplexity: float = 30.0) -> di
             "silhouette": analysis.cluster_quality(vectors, layer)}
 
 
+def _ref(name: str, remote: bool | str, dtype: str | None) -> ModelRef:
+    """``name`` as the studies take it: loaded (through :func:`model`, shared by the notebook) only if needed."""
+    return ModelRef(name, lambda n: model(n, remote, dtype), dtype=dtype, remote=remote)
+
+
 def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_prompts: int, n_shots: int,
               n_dev: int, cache_dir: str | None = None, remote: bool | str = False) -> dict[str, pd.DataFrame]:
     """The conflicting-tasks table for ``pairs`` (task A, task B) on model ``name``, cached per pair.
@@ -237,31 +428,27 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
     setting itself (accuracy w.r.t. B), then the table is scored on ``n_prompts`` test prompts.
     Returns ``table`` and ``dev_curve`` (see :func:`taskvec.studies.analysis.conflicting_tasks`), and
     ``skipped``: the pairs this model's tokenizer leaves too few shared single-token examples for one
-    prompt (found before any forward pass), with the reason.
+    prompt (found before any forward pass, and cached like a result), with the reason.
     """
     store, remote = store_for(cache_dir), remote_setting(remote)
+    ref = _ref(name, remote, protocol.dtype)
     tables, curves, skipped = [], [], []
     for a_name, b_name in pairs:
         task_a, task_b = load_task(a_name), load_task(b_name)
-        key = make_key(ANALYSIS_MODULES, kind="dominance", model=name, weights=model_fingerprint(name),
-                       placement=placement(name, dtype=protocol.dtype, remote=remote),
-                       a=task_a.identity(), b=task_b.identity(), protocol=protocol,
-                       n_prompts=n_prompts, n_shots=n_shots, n_dev=n_dev)
-        folder = store.path("dominance", name, key)
-        if not store.has("dominance", name, key):
-            try:
-                out = analysis.conflicting_tasks(model(name, remote, protocol.dtype), task_a, task_b, protocol,
-                                                 n_prompts, n_shots, n_dev)
-            except TooFewExamples as error:  # too few shared examples for this tokenizer: raised before compute
-                skipped.append({"task_a": a_name, "task_b": b_name, "reason": str(error)})
-                continue
 
-            def write(f, out=out):
-                out["table"].to_csv(f / "table.csv", index=False)
-                out["dev_curve"].to_csv(f / "dev_curve.csv", index=False)
-            folder = store.save("dominance", name, key, write)
-        tables.append(pd.read_csv(folder / "table.csv"))
-        curves.append(pd.read_csv(folder / "dev_curve.csv"))
+        def compute(m: TaskModel, task_a=task_a, task_b=task_b):
+            try:
+                return analysis.conflicting_tasks(m, task_a, task_b, protocol, n_prompts, n_shots, n_dev)
+            except TooFewExamples as error:  # too few shared examples for this tokenizer: raised before compute
+                raise Skip(str(error)) from None
+
+        outcome = cached(analysis.DOMINANCE, ref, f"{a_name} | {b_name}", compute, store, a=task_a.identity(),
+                         b=task_b.identity(), protocol=protocol, n_prompts=n_prompts, n_shots=n_shots, n_dev=n_dev)
+        if outcome.skipped:
+            skipped.append({"task_a": a_name, "task_b": b_name, "reason": outcome.result.reason})
+            continue
+        tables.append(outcome.result.table)
+        curves.append(outcome.result.dev_curve)
     empty = {"table": analysis.CONFLICT_COLUMNS, "dev_curve": analysis.CONFLICT_CURVE_COLUMNS}
     return {"table": pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=empty["table"]),
             "dev_curve": pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=empty["dev_curve"]),
@@ -277,18 +464,14 @@ def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | N
     """
     store, remote = store_for(cache_dir), remote_setting(remote)
     layers, _ = analysis_layers(result)
-    key = make_key(ANALYSIS_MODULES, kind="interpretation", model=name, weights=model_fingerprint(name),
-                   placement=placement(name, dtype=result.protocol.dtype, remote=remote), layers=layers, k=top_k,
-                   vectors={t: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
-                            for t, v in result.task_vectors.items()})
-    folder = store.path("interpretation", name, key)
-    if not store.has("interpretation", name, key):
-        if cached_only:
-            return None
-        table = analysis.task_vector_tokens(model(name, remote, result.protocol.dtype), result.task_vectors, layers, top_k)
-        folder = store.save("interpretation", name, key,
-                            lambda f: table.to_json(f / "tokens.json", orient="records", force_ascii=False))
-    tokens = pd.DataFrame(json.loads((folder / "tokens.json").read_text()))
+    ref = _ref(name, remote, result.protocol.dtype)
+    parts = dict(layers=layers, k=top_k, vectors={t: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
+                                                   for t, v in result.task_vectors.items()})
+    if cached_only and not store.has(analysis.INTERPRETATION.kind, name, key_of(analysis.INTERPRETATION, ref, **parts)):
+        return None
+    outcome = cached(analysis.INTERPRETATION, ref, "all tasks", lambda m: analysis.TokensResult(
+        analysis.task_vector_tokens(m, result.task_vectors, layers, top_k)), store, **parts)
+    tokens = outcome.result.tokens
     saturated = result.accuracy.set_index("task")["saturated"]
     return tokens.assign(saturated=tokens["task"].map(saturated).fillna(False).astype(bool))
 
@@ -341,9 +524,9 @@ def long_answers(name: str, tasks: str | Sequence[str], protocol: Protocol, max_
                  n_test: int, cache_dir: str | None = None, remote: bool | str = False):
     """Beyond one token on model ``name`` (:func:`taskvec.studies.long_answers.run`, cached per task): the
     protocol's shots, dummies, seed and format with ``n_dev`` dev and ``n_test`` test prompts."""
-    from . import long_answers as study
+    from ..studies import long_answers as study
 
-    proto = replace(protocol, n_dev=n_dev, n_test=n_test)
+    proto = protocol.replace(n_dev=n_dev, n_test=n_test)
     setting = remote_setting(remote)
     return study.run(name, load_tasks(as_list(tasks)), proto, max_new_tokens,
                      store_for(cache_dir), loader=lambda n: model(n, setting, protocol.dtype), remote=setting,
@@ -355,7 +538,7 @@ def theta_needs(name: str, result: MainResult, tasks: str | Sequence[str], sizes
     """What θ needs on model ``name`` (:func:`taskvec.studies.context.run`, cached per task), at each task's
     analysis layer from the main experiment (:func:`analysis_layers`); ``tasks`` the main experiment
     skipped (too few single-token examples) are left out."""
-    from . import context as study
+    from ..studies import context as study
 
     layers, _ = analysis_layers(result)
     chosen = load_tasks(as_list(tasks))
@@ -367,53 +550,3 @@ def theta_needs(name: str, result: MainResult, tasks: str | Sequence[str], sizes
     setting = remote_setting(remote)
     return study.run(name, ran, result.protocol, {t.name: layers[t.name] for t in ran}, sizes, store_for(cache_dir),
                      loader=lambda n: model(n, setting, result.protocol.dtype), remote=setting, progress=False)
-
-
-def _run_on(params: dict) -> list[str]:
-    """The models a section runs on: ``run_on`` (a subset of ``models``), or all of ``models``."""
-    models, chosen = as_list(params["models"]), as_list(params.get("run_on"))
-    outside = [m for m in chosen if m not in models]
-    if outside:
-        raise SettingError(f"run_on names model(s) outside the profile's models ({', '.join(models)}): "
-                           f"{', '.join(outside)}")
-    return chosen or models
-
-
-def check_beyond(params: dict) -> list[str]:
-    """The Beyond one token page's parameters, checked before any compute; returns the models it runs on."""
-    from .long_answers import check_max_new_tokens
-
-    check_max_new_tokens(params["max_new_tokens"])
-    for name in ("n_dev", "n_test"):
-        positive_int(name, params[name])
-    if not as_list(params["long_tasks"]):
-        raise SettingError("long_tasks must name at least one task")
-    load_tasks(as_list(params["long_tasks"]))  # an unknown name is an error here
-    return _run_on(params)
-
-
-def check_needs(params: dict):
-    """The What θ needs page's parameters, checked before any compute; returns (models it runs on, tasks,
-    sizes). ``needs_tasks`` empty: :data:`taskvec.studies.context.DEFAULT_TASKS`, those the main experiment runs."""
-    from .context import DEFAULT_TASKS, Sizes
-
-    sizes = Sizes(tuple(params["shots"]), tuple(params["contexts"]), params["n_prompts"], params["pool"],
-                  params["max_groups"], params["n_queries"])
-    main_tasks = as_list(params["tasks"])
-    chosen = as_list(params["needs_tasks"])
-    if not chosen:
-        chosen = [t for t in DEFAULT_TASKS if not main_tasks or t in main_tasks]
-        if not chosen:
-            raise SettingError(f"none of the default tasks ({', '.join(DEFAULT_TASKS)}) is among the main "
-                               f"experiment's ({', '.join(main_tasks)}): set needs_tasks")
-    load_tasks(chosen)
-    outside = [t for t in chosen if main_tasks and t not in main_tasks]
-    if outside:
-        raise SettingError(f"needs_tasks {', '.join(outside)} are not among the main experiment's tasks "
-                           f"({', '.join(main_tasks)}): their layer would be unknown")
-    return _run_on(params), chosen, sizes
-
-
-#: Value checks of sections that have them, run by the book runner before any compute (and by the
-#: notebooks themselves, for papermill by hand): notebook name -> check(parameters).
-CHECKS = {"beyond": check_beyond, "needs": check_needs}
