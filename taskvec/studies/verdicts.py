@@ -1,0 +1,72 @@
+"""Verdicts: every sentence of the book that concludes (which side wins, where a number falls against the paper's)
+is computed here from the numbers, never assembled by ``if`` in a notebook cell. Each function has a test on
+planted inputs where its verdict flips (tests/test_verdicts.py).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+
+
+def paired_verdict(difference: float, lo: float, hi: float, significant: bool) -> str:
+    """Hypothesis against Regular over tasks, from the mean per-task difference with its interval (``lo``,
+    ``hi``) and the rank test's ``significant``: both separate them, neither does, or the two disagree."""
+    excludes = hi < 0 or lo > 0
+    side = "below" if difference < 0 else "above"
+    if excludes and significant:
+        return f"Both say Hypothesis is {side} Regular over tasks."
+    if not excludes and not significant:
+        return "Neither separates them: over tasks, Hypothesis and Regular cannot be told apart."
+    if significant:
+        return (f"The two disagree: the rank test, which counts how many tasks go each way, puts Hypothesis {side} "
+                "Regular, while the interval on the mean difference, which weighs by how much, includes zero.")
+    return (f"The two disagree: the interval on the mean difference puts Hypothesis {side} Regular, while the "
+            "rank test does not separate them at the 5% level.")
+
+
+def depth_verdict(depth: float, lo: float, hi: float) -> str:
+    """Where a relative depth falls against the paper's range [lo, hi]: "inside", "later than" or
+    "earlier than"."""
+    if lo <= depth <= hi:
+        return "inside"
+    return "later than" if depth > hi else "earlier than"
+
+
+def averaging_verdict(gain_lo: float, gain_hi: float) -> str:
+    """What averaging θ over prompts does, from the interval of the change in accuracy (many prompts minus
+    one): helps (interval above zero), hurts (below zero), or changes nothing measurable."""
+    if gain_lo > 0:
+        return ("averaging helps: the mean over prompts scores higher than the θ of one prompt, beyond the noise between "
+                "tasks, so the θ of a single prompt is the task plus something particular to that prompt")
+    if gain_hi < 0:
+        return ("averaging hurts: the mean over prompts scores lower than the θ of one prompt, so what a prompt adds to "
+                "the task helps its own queries")
+    return ("averaging changes nothing measurable: the interval of the change holds zero, so the θ of one prompt is "
+            "already about as good as the mean of many, as a compact summary of the task would be")
+
+
+def within_paper(ours: pd.Series, theirs: pd.DataFrame, tolerance: float = 0.05) -> list[str]:
+    """Tasks whose accuracy here (``ours``: task -> accuracy) lies within the range of the paper's models
+    (``theirs``: task x model), widened by ``tolerance`` on each side."""
+    return [t for t in ours.index if t in theirs.index
+            and theirs.loc[t].min() - tolerance <= ours.loc[t] <= theirs.loc[t].max() + tolerance]
+
+
+def below_paper(ours: pd.Series, theirs: pd.DataFrame, tolerance: float = 0.05) -> list[str]:
+    """Tasks whose accuracy here lies more than ``tolerance`` below every one of the paper's models."""
+    return [t for t in ours.index if t in theirs.index and ours.loc[t] < theirs.loc[t].min() - tolerance]
+
+
+def follows(conflicting: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The conflicting condition's pairs split by which task the model follows: (those whose accuracy with
+    respect to B exceeds that with respect to A, the others)."""
+    mask = conflicting["acc_b"] > conflicting["acc_a"]
+    return conflicting[mask], conflicting[~mask]
+
+
+def same_side_as_paper(pairs: Sequence[tuple[float, float, float | None, float | None]]) -> int:
+    """How many pairs (paper's A, paper's B, this run's A, this run's B) follow the same task here as in the
+    paper; pairs this run has no number for (None or NaN) are not counted."""
+    return sum(1 for pa, pb, oa, ob in pairs if not (pd.isna(oa) or pd.isna(ob)) and (pb > pa) == (ob > oa))

@@ -1,0 +1,57 @@
+"""Each verdict the book prints flips when the planted numbers cross its threshold."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from taskvec.studies import verdicts as V
+
+
+@pytest.mark.parametrize("difference, lo, hi, significant, start", [
+    (-0.1, -0.2, -0.05, True, "Both say Hypothesis is below"),
+    (0.1, 0.05, 0.2, True, "Both say Hypothesis is above"),
+    (-0.01, -0.05, 0.03, False, "Neither separates them"),
+    (-0.1, -0.2, 0.01, True, "The two disagree: the rank test"),
+    (-0.1, -0.2, -0.01, False, "The two disagree: the interval on the mean difference puts Hypothesis below"),
+])
+def test_paired_verdict_flips_with_the_interval_and_the_test(difference, lo, hi, significant, start):
+    assert V.paired_verdict(difference, lo, hi, significant).startswith(start)
+
+
+def test_depth_verdict_flips_at_both_ends_of_the_paper_range():
+    assert V.depth_verdict(0.4, 0.3, 0.5) == "inside"
+    assert V.depth_verdict(0.3, 0.3, 0.5) == "inside"  # the range is closed
+    assert V.depth_verdict(0.51, 0.3, 0.5) == "later than"
+    assert V.depth_verdict(0.29, 0.3, 0.5) == "earlier than"
+
+
+def test_averaging_verdict_needs_the_interval_to_leave_zero():
+    assert V.averaging_verdict(0.01, 0.2).startswith("averaging helps")
+    assert V.averaging_verdict(-0.2, -0.01).startswith("averaging hurts")
+    assert V.averaging_verdict(-0.05, 0.03).startswith("averaging changes nothing measurable")
+    assert V.averaging_verdict(0.0, 0.1).startswith("averaging changes nothing")  # zero itself is not above zero
+
+
+def test_within_and_below_the_paper_range():
+    theirs = pd.DataFrame({"GPT-J": [0.8, 0.5], "LLaMA": [0.9, 0.6]}, index=["a", "b"])
+    ours = pd.Series({"a": 0.94, "b": 0.44, "c": 0.1})  # c: not in the paper
+    assert V.within_paper(ours, theirs) == ["a"]  # 0.94 <= 0.9 + 0.05; 0.44 < 0.5 - 0.05
+    assert V.below_paper(ours, theirs) == ["b"]
+    assert V.within_paper(ours.replace(0.44, 0.46), theirs) == ["a", "b"]
+    assert V.below_paper(ours.replace(0.44, 0.46), theirs) == []
+
+
+def test_follows_splits_pairs_by_the_task_the_model_follows():
+    table = pd.DataFrame({"task_a": ["x", "y"], "task_b": ["p", "q"], "acc_a": [0.2, 0.6], "acc_b": [0.7, 0.6]})
+    follow_b, stay_a = V.follows(table)
+    assert list(follow_b["task_a"]) == ["x"] and list(stay_a["task_a"]) == ["y"]  # a tie stays with A
+    flipped = table.assign(acc_b=[0.1, 0.61])
+    follow_b, stay_a = V.follows(flipped)
+    assert list(follow_b["task_a"]) == ["y"] and list(stay_a["task_a"]) == ["x"]
+
+
+def test_same_side_as_paper_counts_only_pairs_with_both_numbers():
+    assert V.same_side_as_paper([(0.1, 0.9, 0.2, 0.8), (0.9, 0.1, 0.2, 0.8), (0.1, 0.9, None, None)]) == 1
+    assert V.same_side_as_paper([(0.1, 0.9, 0.8, 0.2)]) == 0
+    assert V.same_side_as_paper([(0.9, 0.1, float("nan"), float("nan"))]) == 0  # a table's missing cell
