@@ -112,16 +112,25 @@ def cmd_main(ns: argparse.Namespace) -> int:
     model, loader = _model_and_loader(ns, store)
     result = run_main_experiment(model, tasks, protocol, prompts=prompts, store=store, loader=loader,
                                  remote=ns.remote)
+    from .studies import stats
+
     out = Path(ns.out)
+    accuracy = stats.with_intervals(result.accuracy, result.predictions)
+    means = stats.means_with_intervals(result.accuracy, seed=protocol.seed)
     _write_tables(out, result)
+    accuracy.to_csv(out / "accuracy.csv", index=False)  # with each accuracy's prompts and Wilson interval
+    means.to_csv(out / "means.csv", index=False)
     meta = {**result.meta, "model": result.model, "n_layers": result.n_layers,
             "seconds": round(time.perf_counter() - start, 1)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    table = result.accuracy[["task", "format", "n_usable", "best_layer", "saturated", "baseline_acc", "hypothesis_acc",
-                             "regular_acc"]]
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print("mean over tasks:", result.summary().round(3).to_dict())
-    print(f"wrote {out}/accuracy.csv, dev_curve.csv, predictions.csv, meta.json")
+    table = accuracy[["task", "format", "n_usable", "best_layer", "saturated"]].copy()
+    for c in stats.CONDITIONS:
+        table[f"{c} (n) [95% CI]"] = [f"{stats.shown(v, lo, hi)} ({'-' if n != n else int(n)})" for v, lo, hi, n in
+                                      accuracy[[f"{c}_acc", f"{c}_lo", f"{c}_hi", f"{c}_n"]].itertuples(index=False)]
+    print(table.to_string(index=False))
+    print("mean over tasks [95% bootstrap interval over tasks]: " + ", ".join(
+        f"{r.condition} {stats.shown(r.mean, r.lo, r.hi)} ({r.n_tasks} tasks)" for r in means.itertuples(index=False)))
+    print(f"wrote {out}/accuracy.csv, means.csv, dev_curve.csv, predictions.csv, meta.json")
     return 0
 
 

@@ -7,6 +7,7 @@ model saved to a local folder (no model cache needed), interrupts it once its fi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import select
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from taskvec import cli
@@ -163,3 +165,29 @@ def test_ctrl_c_in_main_keeps_finished_tasks_and_a_rerun_resumes(tiny_model_fold
     meta = json.loads((out / "meta.json").read_text())
     assert meta["cached_tasks"] and set(meta["cached_tasks"]) < set(tasks), meta  # resumed, did the rest
     assert len(list(cache.rglob("DONE"))) == len(tasks)
+    # What it wrote carries each accuracy's uncertainty: its prompts and Wilson interval, and the means'
+    # bootstrap intervals over tasks (8 prompts per task: an interval a reader cannot mistake for a fact).
+    table = pd.read_csv(out / "accuracy.csv")
+    for c in ("baseline", "hypothesis", "regular"):
+        assert (table[f"{c}_n"] == 8).all()
+        assert ((table[f"{c}_lo"] <= table[f"{c}_acc"]) & (table[f"{c}_acc"] <= table[f"{c}_hi"])).all()
+        assert ((table[f"{c}_hi"] - table[f"{c}_lo"]) > 0.2).all()  # 8 prompts: wide, whatever the accuracy
+    means = pd.read_csv(out / "means.csv").set_index("condition")
+    assert (means["n_tasks"] == len(tasks)).all() and (means["lo"] <= means["mean"]).all()
+    assert "[95% CI]" in rerun.stdout and "bootstrap interval over tasks" in rerun.stdout, rerun.stdout
+
+
+def test_intervals_beside_accuracies_leave_skipped_tasks_blank():
+    from taskvec.studies import stats
+
+    accuracy = pd.DataFrame({"task": ["a", "b"], "baseline_acc": [0.5, float("nan")],
+                             "hypothesis_acc": [1.0, float("nan")], "regular_acc": [1.0, float("nan")]})
+    predictions = pd.DataFrame([{"task": "a", "condition": c, "prompt": i, "correct": ok}
+                                for c, oks in (("baseline", [1, 0]), ("hypothesis", [1] * 6), ("regular", [1] * 6))
+                                for i, ok in enumerate(oks)])
+    table = stats.with_intervals(accuracy, predictions).set_index("task")
+    assert table.loc["a", "hypothesis_n"] == 6 and table.loc["a", "hypothesis_hi"] == pytest.approx(1.0)
+    assert table.loc["a", "hypothesis_lo"] == pytest.approx(stats.wilson(6, 6)[0]) and table.loc["a", "hypothesis_lo"] < 0.65
+    assert math.isnan(table.loc["b", "regular_lo"])
+    assert stats.shown(table.loc["b", "regular_acc"], 0, 0) == "-"
+    assert list(table.columns[:4]) == ["baseline_acc", "baseline_n", "baseline_lo", "baseline_hi"]

@@ -99,3 +99,38 @@ def paired_over_tasks(accuracy: pd.DataFrame, a: str = "hypothesis_acc", b: str 
     p = float(sps.wilcoxon(nonzero).pvalue) if len(nonzero) >= 1 else 1.0
     return {"n_tasks": int(len(diff)), "difference": mean, "lo": lo, "hi": hi, "p_value": p,
             "significant": p < ALPHA}
+
+
+CONDITIONS = ("baseline", "hypothesis", "regular")
+
+
+def with_intervals(accuracy: pd.DataFrame, predictions: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
+    """The main experiment's per-task table with, beside each ``{condition}_acc``, its prompts
+    ``{condition}_n`` and its Wilson interval ``{condition}_lo`` and ``{condition}_hi`` (NaN for a
+    skipped task): an accuracy of 1.00 from 6 prompts then reads [0.61, 1.00], not as a fact."""
+    spans = task_intervals(predictions, level).set_index(["task", "condition"])
+    table = accuracy.copy()
+    for condition in CONDITIONS:
+        where = table.columns.get_loc(f"{condition}_acc") + 1
+        for offset, column in enumerate(("n", "lo", "hi")):
+            values = [spans[column].get((task, condition), math.nan) for task in table["task"]]
+            table.insert(where + offset, f"{condition}_{column}", values)
+    return table
+
+
+def means_with_intervals(accuracy: pd.DataFrame, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
+    """Per condition: the mean accuracy over tasks (skipped ones left out), its bootstrap interval over tasks
+    and the tasks counted."""
+    rows = []
+    for condition in CONDITIONS:
+        mean, lo, hi = mean_interval(accuracy[f"{condition}_acc"], level, seed)
+        rows.append({"condition": condition, "mean": mean, "lo": lo, "hi": hi,
+                     "n_tasks": int(accuracy[f"{condition}_acc"].notna().sum())})
+    return pd.DataFrame(rows)
+
+
+def shown(value: float, lo: float, hi: float) -> str:
+    """``0.62 [0.48, 0.74]``; a dash for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
