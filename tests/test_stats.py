@@ -67,3 +67,41 @@ def test_paired_over_tasks():
     assert result["difference"] == pytest.approx(-0.1166666, abs=1e-6)
     assert result["hi"] < 0 and result["n_tasks"] == 6
     assert result["p_value"] == pytest.approx(0.0625)  # 5 non-zero differences, all negative: 2/2**5
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    from taskvec.studies.stats import holm
+
+    # Three tests: the smallest p times 3, the next times 2, the largest times 1, made non-decreasing.
+    assert holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]).tolist() == pytest.approx([1.0, 1.0])
+    # Planted: one task at p = .02 is significant alone, not among 18 tests.
+    assert holm([0.02]).tolist() == [0.02] and holm([0.02] + [0.9] * 17)[0] > 0.05
+
+
+def test_a_difference_significant_alone_is_not_after_holm():
+    from taskvec.studies.stats import paired_by_task
+
+    def rows(task, a_right, b_right):
+        return [{"task": task, "condition": c, "prompt": i, "correct": ok}
+                for c, oks in (("hypothesis", a_right), ("regular", b_right)) for i, ok in enumerate(oks)]
+
+    # 8 prompts only Regular gets right: McNemar p = 2/256 < .05 on one task; with 17 null tasks beside it,
+    # Holm multiplies it by 18 and it no longer counts.
+    strong = rows("t0", [False] * 8, [True] * 8)
+    null = [r for k in range(1, 18) for r in rows(f"t{k}", [True, False] * 4, [True, False] * 4)]
+    alone = paired_by_task(pd.DataFrame(strong)).set_index("task")
+    assert alone.loc["t0", "p_value"] < 0.05 and alone.loc["t0", "significant"]
+    many = paired_by_task(pd.DataFrame(strong + null)).set_index("task")
+    assert many.loc["t0", "p_value"] < 0.05 and not many.loc["t0", "significant"]
+    assert many.loc["t0", "p_holm"] == pytest.approx(min(1.0, 18 * many.loc["t0", "p_value"]))
+
+
+def test_query_reuse_counts_distinct_queries_per_task():
+    from taskvec.studies.stats import query_reuse
+
+    frame = pd.DataFrame({"task": ["a"] * 4 + ["b"] * 2, "condition": ["hypothesis"] * 6, "prompt": [0, 1, 2, 3, 0, 1],
+                          "query": ["x", "y", "x", "y", "p", "q"]})
+    table = query_reuse(frame).set_index("task")
+    assert (table.loc["a", "n_prompts"], table.loc["a", "n_queries"]) == (4, 2)
+    assert (table.loc["b", "n_prompts"], table.loc["b", "n_queries"]) == (2, 2)

@@ -11,8 +11,8 @@ from taskvec.studies import verdicts as V
 @pytest.mark.parametrize("difference, lo, hi, significant, start", [
     (-0.1, -0.2, -0.05, True, "Both say Hypothesis is below"),
     (0.1, 0.05, 0.2, True, "Both say Hypothesis is above"),
-    (-0.01, -0.05, 0.03, False, "Neither separates them"),
-    (-0.1, -0.2, 0.01, True, "The two disagree: the rank test"),
+    (-0.01, -0.05, 0.03, False, "Neither separates them: over these tasks there is no detectable difference"),
+    (-0.1, -0.2, 0.01, True, "The two disagree: the signed-rank test"),
     (-0.1, -0.2, -0.01, False, "The two disagree: the interval on the mean difference puts Hypothesis below"),
 ])
 def test_paired_verdict_flips_with_the_interval_and_the_test(difference, lo, hi, significant, start):

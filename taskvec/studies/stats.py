@@ -61,9 +61,30 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
             "p_value": float(p)}
 
 
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of ``p_values`` for testing them all (family-wise error at most the level):
+    the i-th smallest p is multiplied by (m - i), the adjusted values made non-decreasing and capped at 1."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * (len(p) - np.arange(len(p)))
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return adjusted
+
+
+def query_reuse(predictions: pd.DataFrame, condition: str = "hypothesis") -> pd.DataFrame:
+    """Per task: the prompts scored under ``condition`` and the distinct queries among them. Where queries
+    repeat (letter tasks have 25-26 inputs for 50 prompts), prompts are not independent draws and an interval
+    that treats them so (Wilson's) is too narrow."""
+    rows = predictions[predictions["condition"] == condition]
+    table = rows.groupby("task", sort=False).agg(n_prompts=("prompt", "size"), n_queries=("query", "nunique"))
+    return table.reset_index()
+
+
 def paired_by_task(predictions: pd.DataFrame, a: str = "hypothesis", b: str = "regular") -> pd.DataFrame:
-    """Per task: condition ``a`` against ``b`` on the same prompts (:func:`mcnemar`), and whether the
-    difference is significant at :data:`ALPHA`. Rows are paired by their ``prompt`` index."""
+    """Per task: condition ``a`` against ``b`` on the same prompts (:func:`mcnemar`), the p-value adjusted
+    for testing every task (:func:`holm`, ``p_holm``), and whether the difference is significant at
+    :data:`ALPHA` after that adjustment. Rows are paired by their ``prompt`` index."""
     rows = []
     for task, group in predictions.groupby("task", sort=False):
         left = group[group["condition"] == a].set_index("prompt")["correct"].sort_index()
@@ -72,9 +93,11 @@ def paired_by_task(predictions: pd.DataFrame, a: str = "hypothesis", b: str = "r
             continue
         if not left.index.equals(right.index):
             raise ValueError(f"task {task!r}: {a} and {b} were not scored on the same prompts")
-        test = mcnemar(left.to_numpy(), right.to_numpy())
-        rows.append({"task": task, **test, "significant": test["p_value"] < ALPHA})
-    return pd.DataFrame(rows, columns=["task", "n", "a_only", "b_only", "difference", "p_value", "significant"])
+        rows.append({"task": task, **mcnemar(left.to_numpy(), right.to_numpy())})
+    table = pd.DataFrame(rows, columns=["task", "n", "a_only", "b_only", "difference", "p_value"])
+    table["p_holm"] = holm(table["p_value"]) if len(table) else []
+    table["significant"] = table["p_holm"] < ALPHA
+    return table
 
 
 def mean_interval(values, level: float = LEVEL, seed: int = 0) -> tuple[float, float, float]:

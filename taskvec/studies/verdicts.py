@@ -12,16 +12,18 @@ import pandas as pd
 
 def paired_verdict(difference: float, lo: float, hi: float, significant: bool) -> str:
     """Hypothesis against Regular over tasks, from the mean per-task difference with its interval (``lo``,
-    ``hi``) and the rank test's ``significant``: both separate them, neither does, or the two disagree."""
+    ``hi``) and the Wilcoxon signed-rank test's ``significant``: both separate them, neither does ("no
+    detectable difference", not equivalence), or the two disagree."""
     excludes = hi < 0 or lo > 0
     side = "below" if difference < 0 else "above"
     if excludes and significant:
         return f"Both say Hypothesis is {side} Regular over tasks."
     if not excludes and not significant:
-        return "Neither separates them: over tasks, Hypothesis and Regular cannot be told apart."
+        return ("Neither separates them: over these tasks there is no detectable difference between Hypothesis and "
+                "Regular (which is not a proof that they are equal).")
     if significant:
-        return (f"The two disagree: the rank test, which counts how many tasks go each way, puts Hypothesis {side} "
-                "Regular, while the interval on the mean difference, which weighs by how much, includes zero.")
+        return (f"The two disagree: the signed-rank test, which ranks the tasks' differences by size and weighs each "
+                f"by its rank, puts Hypothesis {side} Regular, while the interval on the mean difference includes zero.")
     return (f"The two disagree: the interval on the mean difference puts Hypothesis {side} Regular, while the "
             "rank test does not separate them at the 5% level.")
 
