@@ -105,3 +105,27 @@ def test_query_reuse_counts_distinct_queries_per_task():
     table = query_reuse(frame).set_index("task")
     assert (table.loc["a", "n_prompts"], table.loc["a", "n_queries"]) == (4, 2)
     assert (table.loc["b", "n_prompts"], table.loc["b", "n_queries"]) == (2, 2)
+
+
+def test_plateau_holds_the_layers_within_the_noise_of_the_peak():
+    from taskvec.studies.stats import plateau, spans
+
+    # Six tasks, five layers: layer 3 peaks, layer 2 is a hair below, layer 1 is below with tasks that disagree,
+    # layers 0 and 4 are far below on every task.
+    rows = [[0.0, 0.5, 0.9, 0.9, 0.1], [0.0, 0.9, 0.8, 0.8, 0.0], [0.1, 0.6, 0.9, 0.9, 0.0],
+            [0.0, 0.9, 0.7, 0.8, 0.1], [0.0, 0.4, 0.9, 0.9, 0.0], [0.1, 0.9, 0.8, 0.8, 0.1]]
+    found = plateau(pd.DataFrame(rows))
+    assert found["peak"] == 3 and found["layers"] == [1, 2, 3]
+    # Planted: every task clearly worse at layer 1 than at the peak, and it leaves the plateau.
+    worse = pd.DataFrame([[r[0], r[2] - 0.4, r[2], r[3], r[4]] for r in rows])
+    assert plateau(worse)["layers"] == [2, 3]
+    assert spans([9, 10, 11, 14]) == "9-11, 14" and spans([3]) == "3"
+
+
+def test_range_verdict_against_the_paper_range():
+    from taskvec.studies.verdicts import range_verdict
+
+    assert range_verdict(0.35, 0.45, 0.3, 0.5) == "inside"
+    assert range_verdict(0.45, 0.65, 0.3, 0.5) == "overlapping"
+    assert range_verdict(0.55, 0.65, 0.3, 0.5) == "later than"
+    assert range_verdict(0.1, 0.2, 0.3, 0.5) == "earlier than"

@@ -25,6 +25,7 @@ from ..models import TaskModel, load_model
 from ..prompts import TooFewExamples
 from ..remote import is_remote
 from ..remote import setting as remote_setting
+from ..scoring import is_saturated
 from ..settings import Count, Protocol, Settings
 from ..store import Store
 from ..study import ModelRef, Skip, cached, key_of
@@ -389,14 +390,16 @@ def hypothesis_vs_regular(results: dict[str, MainResult], seed: int = 0) -> dict
 def analysis_layers(result: MainResult) -> tuple[dict[str, int], int]:
     """The layer each task's θ is read at outside the main experiment, and the common layer.
 
-    A task's own best dev layer, except for saturated tasks (the query alone already does them,
-    so their flat dev curve makes the argmax arbitrary): they use the common layer, the median
-    best layer of the other tasks (:func:`taskvec.studies.analysis.common_layer`).
+    A task's own best dev layer, except for tasks whose dev curve is no evidence of where θ lives
+    (:func:`no_evidence`: saturated, the query alone already does them, or flat, no layer does them; the
+    argmax of such a curve is arbitrary): they use the common layer, the median best layer of the other
+    tasks (:func:`taskvec.studies.analysis.common_layer`).
     """
     acc = result.accuracy.set_index("task")
-    common = analysis.common_layer(acc["best_layer"], acc["saturated"])
-    layers = {t: (common if row.saturated and row.best_layer >= 0 else int(row.best_layer))
-              for t, row in acc.iterrows()}
+    flags = no_evidence(result.dev_curve).set_index("task")["no_evidence"] if len(result.dev_curve) else pd.Series(dtype=bool)
+    arbitrary = flags.reindex(acc.index).fillna(False).astype(bool) | acc["saturated"].astype(bool)
+    common = analysis.common_layer(acc["best_layer"], arbitrary)
+    layers = {t: (common if arbitrary[t] and row.best_layer >= 0 else int(row.best_layer)) for t, row in acc.iterrows()}
     return layers, common
 
 
@@ -496,22 +499,59 @@ def prefix_scoring(results: dict[str, MainResult]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[["model", "task", "condition", "first_token", "lenient"]]
 
 
-def layer_peaks(curves: pd.DataFrame) -> pd.DataFrame:
-    """Per model: the layer with the best mean dev accuracy over tasks, its relative depth and accuracy,
-    the mean accuracy at the first and last layers (``edge_acc``), and the saturated tasks (the query
-    alone does them) with the layer the paper's rule gave them (``saturated_layers``)."""
+def no_evidence(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per task (and model, when ``curves`` has one): whether its dev curve says nothing about where θ lives:
+    ``saturated`` (the query alone does the task, the curve is flat at the query's own accuracy) or ``flat``
+    (no layer does it: the best dev accuracy is 0, so the paper's rule picks an arbitrary layer)."""
+    keys = [k for k in ("model", "task") if k in curves.columns]
+    table = curves.groupby(keys, sort=False).agg(saturated=("saturated", "first"), best=("dev_acc", "max"))
+    table["flat"] = table["best"] <= 0
+    table["no_evidence"] = table["saturated"].astype(bool) | table["flat"]
+    return table.reset_index()
+
+
+def layer_peaks(curves: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per model, over the tasks whose dev curve is evidence of where θ lives (:func:`no_evidence` leaves out
+    saturated and flat tasks; all tasks if none is left): the layer with the best mean dev accuracy, its
+    relative depth and accuracy, the plateau (the layers within the noise of that best,
+    :func:`taskvec.studies.stats.plateau`) with its first and last relative depth, the mean accuracy at the
+    first and last layers, and the tasks left out with the layer the paper's rule gave them."""
     rows = []
+    flags = no_evidence(curves).set_index(["model", "task"])
     for name, group in curves.groupby("model", sort=False):
-        mean = group.groupby("layer")["dev_acc"].mean()
-        peak = int(mean.idxmax())
         n_layers = int(group["n_layers"].iloc[0])
-        saturated = group[group["saturated"]].groupby("task", sort=False)["dev_acc"].apply(
-            lambda s: int(s.to_numpy().argmax()))
-        rows.append({"model": name, "n_layers": n_layers, "n_tasks": group["task"].nunique(), "peak_layer": peak,
-                     "peak_depth": peak / max(n_layers - 1, 1), "peak_acc": float(mean.max()),
+        mine = flags.loc[name]
+        kept = [t for t in group["task"].unique() if not mine.loc[t, "no_evidence"]] or list(group["task"].unique())
+        per_task = group[group["task"].isin(kept)].pivot(index="task", columns="layer", values="dev_acc")
+        found = stats.plateau(per_task, seed=seed)
+        mean, peak, depth = found["mean"], int(found["peak"]), max(n_layers - 1, 1)
+
+        def argmax_layers(tasks) -> str:
+            best = group[group["task"].isin(tasks)].groupby("task", sort=False)["dev_acc"].apply(
+                lambda s: int(s.to_numpy().argmax()))
+            return ", ".join(f"{t} (L={l})" for t, l in best.items()) or "none"
+
+        rows.append({"model": name, "n_layers": n_layers, "n_tasks": len(kept), "peak_layer": peak,
+                     "peak_depth": peak / depth, "peak_acc": float(mean.max()),
+                     "plateau": stats.spans(found["layers"]), "plateau_first": min(found["layers"]) / depth,
+                     "plateau_last": max(found["layers"]) / depth,
                      "edge_acc": float((mean.iloc[0] + mean.iloc[-1]) / 2),
-                     "saturated_layers": ", ".join(f"{t} (L={l})" for t, l in saturated.items()) or "none"})
+                     "saturated_layers": argmax_layers([t for t in mine.index if mine.loc[t, "saturated"]]),
+                     "flat_layers": argmax_layers([t for t in mine.index if mine.loc[t, "flat"]
+                                                   and not mine.loc[t, "saturated"]])})
     return pd.DataFrame(rows)
+
+
+def paper_peaks(seed: int = 0) -> pd.DataFrame:
+    """:func:`layer_peaks` of the paper authors' published per-layer results, by the same rule as this run's
+    (their saturated tasks, from their Baseline and Regular accuracies, and flat tasks left out)."""
+    from . import paper
+
+    theirs = paper.dev_curves()
+    per_task = paper.per_task().set_index(["model", "task"])
+    saturated = {key: is_saturated(row.baseline_acc, row.regular_acc) for key, row in per_task.iterrows()}
+    theirs = theirs.assign(saturated=[saturated.get(key, False) for key in zip(theirs["model"], theirs["task"])])
+    return layer_peaks(theirs, seed)
 
 
 def answer_tokens(tokens: pd.DataFrame) -> pd.DataFrame:

@@ -157,3 +157,29 @@ def shown(value: float, lo: float, hi: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def plateau(per_task: pd.DataFrame, level: float = LEVEL, seed: int = 0) -> dict:
+    """The best layer of a mean dev curve and the layers within its noise.
+
+    ``per_task``: one row per task, one column per layer (dev accuracy). The peak is the layer with the best
+    mean over tasks (the earliest among ties); the plateau is every layer whose mean is not detectably below
+    the peak's: the bootstrap interval over tasks of the paired difference (peak minus layer) reaches zero.
+    Returns ``peak``, ``layers`` (the plateau, sorted, the peak among them) and the mean curve ``mean``.
+    """
+    mean = per_task.mean(axis=0)
+    peak = mean.index[int(np.argmax(mean.to_numpy()))]
+    layers = [layer for layer in per_task.columns
+              if mean_interval(per_task[peak] - per_task[layer], level, seed)[1] <= 0]
+    return {"peak": peak, "layers": sorted(layers), "mean": mean}
+
+
+def spans(values) -> str:
+    """Sorted integers as ranges: ``[9, 10, 11, 14]`` -> ``9-11, 14``."""
+    values, parts = sorted(int(v) for v in values), []
+    for v in values:
+        if parts and v == parts[-1][1] + 1:
+            parts[-1][1] = v
+        else:
+            parts.append([v, v])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in parts)

@@ -36,6 +36,18 @@ def depth_verdict(depth: float, lo: float, hi: float) -> str:
     return "later than" if depth > hi else "earlier than"
 
 
+def range_verdict(first: float, last: float, lo: float, hi: float) -> str:
+    """Where a range of relative depths [first, last] (a plateau) falls against the paper's [lo, hi]: "inside",
+    "overlapping", "later than" or "earlier than"."""
+    if lo <= first and last <= hi:
+        return "inside"
+    if last < lo:
+        return "earlier than"
+    if first > hi:
+        return "later than"
+    return "overlapping"
+
+
 def averaging_verdict(gain_lo: float, gain_hi: float) -> str:
     """What averaging θ over prompts does, from the interval of the change in accuracy (many prompts minus
     one): helps (interval above zero), hurts (below zero), or changes nothing measurable."""
