@@ -32,19 +32,23 @@ def test_dev_and_test_prompts_differ():
 
 def test_conflicting_layer_is_chosen_where_theta_of_b_wins(real_model):
     """list_first is saturated in the main experiment (its best dev layer there is 0-2, where θ does
-    nothing: accuracy w.r.t. B was 0.0 at layers 0, 2 and 5). Chosen in the conflicting setting, the
-    layer lands mid-network and the model follows B. Observed (seed 41, these sizes): layer 11,
+    nothing: accuracy w.r.t. B was 0.0 at layers 0, 2 and 5). The headline row uses the paper's rule (B's own
+    Hypothesis layer, on B's query-only dev prompts); the tuned row chooses in the conflicting setting, lands
+    mid-network, and the model follows B. Observed for the tuned row (seed 41, these sizes): layer 11,
     Regular A 1.0, Conflicting B 1.0."""
     out = conflicting_tasks(real_model, load_task("list_last"), load_task("list_first"), Protocol(),
                             n_prompts=12, n_shots=4, n_dev=8)
     table, curve = out.table.set_index("condition"), out.dev_curve
-    layer = int(table.loc["conflicting", "layer"])
-    assert layer == int(curve["acc_b"].idxmax()) and curve.loc[layer, "acc_b"] == curve["acc_b"].max()
+    assert list(table.index) == ["regular", "conflicting", "conflicting_tuned"]
+    own = int(table.loc["conflicting", "layer"])
+    assert own == int(curve["b_alone"].idxmax())  # the paper's rule: B's own best layer, earliest among ties
+    tuned = int(table.loc["conflicting_tuned", "layer"])
+    assert tuned == int(curve["acc_b"].idxmax()) and curve.loc[tuned, "acc_b"] == curve["acc_b"].max()
     assert curve.loc[:2, "acc_b"].max() <= 0.2  # early layers: θ of B is overridden (observed 0.0)
-    assert 5 <= layer <= 13
+    assert 5 <= tuned <= 13
     assert table.loc["regular", "acc_a"] >= 0.6  # without the patch the model follows A (observed 1.0)
-    assert table.loc["conflicting", "acc_b"] >= 0.6  # with θ_B it follows B (observed 1.0)
-    assert table.loc["conflicting", "acc_a"] <= 0.3
+    assert table.loc["conflicting_tuned", "acc_b"] >= 0.6  # with θ_B it follows B (observed 1.0)
+    assert table.loc["conflicting_tuned", "acc_a"] <= 0.3
 
 
 def test_a_pair_too_small_for_the_tokenizer_is_skipped_before_any_compute(tiny_gpt2, tmp_path, monkeypatch):

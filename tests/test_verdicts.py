@@ -55,3 +55,10 @@ def test_same_side_as_paper_counts_only_pairs_with_both_numbers():
     assert V.same_side_as_paper([(0.1, 0.9, 0.2, 0.8), (0.9, 0.1, 0.2, 0.8), (0.1, 0.9, None, None)]) == 1
     assert V.same_side_as_paper([(0.1, 0.9, 0.8, 0.2)]) == 0
     assert V.same_side_as_paper([(0.9, 0.1, float("nan"), float("nan"))]) == 0  # a table's missing cell
+
+
+def test_a_pair_without_regular_doing_a_holds_no_conflict():
+    regular = pd.DataFrame({"task_a": ["prev_letter", "list_last"], "task_b": ["next_letter", "list_first"],
+                            "acc_a": [0.04, 1.0]})
+    assert V.with_conflict(regular) == {("list_last", "list_first")}
+    assert V.with_conflict(regular.assign(acc_a=[0.5, 1.0])) == {("prev_letter", "next_letter"), ("list_last", "list_first")}

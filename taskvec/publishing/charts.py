@@ -198,7 +198,7 @@ def dominance_bars(table: pd.DataFrame) -> alt.Chart:
         x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("scored_as:N", scale=alt.Scale(range=["#4c78a8", "#e45756"]),
                         legend=alt.Legend(title="accuracy with respect to", orient="bottom")),
-        column=alt.Column("condition:N", sort=["regular", "conflicting"], title=None),
+        column=alt.Column("condition:N", sort=["regular", "conflicting", "conflicting_tuned"], title=None),
         row=alt.Row("model:N", title=None),
         tooltip=["model:N", "pair:N", "condition:N", "scored_as:N", alt.Tooltip("accuracy:Q", format=".2f")],
     ).properties(width=200, height=alt.Step(14))
@@ -237,13 +237,16 @@ def table(frame: pd.DataFrame, digits: int = 2):
 def dominance_layers(curve: pd.DataFrame) -> alt.Chart:
     """Per pair: accuracy w.r.t. A and B on dev prompts, with θ_B patched at each layer (the layer sweep
     that picks the conflicting layer)."""
+    values = [v for v in ("acc_a", "acc_b", "b_alone") if v in curve.columns]
     data = curve.assign(pair=curve["task_a"] + " | θ " + curve["task_b"]).melt(
-        id_vars=["model", "pair", "layer"], value_vars=["acc_a", "acc_b"], var_name="scored_as", value_name="accuracy")
-    data["scored_as"] = data["scored_as"].map({"acc_a": "task A (demonstrations)", "acc_b": "task B (θ)"})
+        id_vars=["model", "pair", "layer"], value_vars=values, var_name="scored_as", value_name="accuracy")
+    names = {"acc_a": "task A (demonstrations)", "acc_b": "task B (θ)", "b_alone": "task B alone (its own prompts)"}
+    data["scored_as"] = data["scored_as"].map(names)
     return alt.Chart(data).mark_line(point=True).encode(
         x=alt.X("layer:Q", title="layer L where θ of B is patched"),
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="dev accuracy"),
-        color=alt.Color("scored_as:N", scale=alt.Scale(range=["#4c78a8", "#e45756"]),
+        color=alt.Color("scored_as:N", scale=alt.Scale(domain=[names[v] for v in values],
+                                                        range=["#4c78a8", "#e45756", "#54a24b"][:len(values)]),
                         legend=alt.Legend(title="accuracy with respect to", orient="bottom")),
         strokeDash=alt.StrokeDash("model:N", legend=alt.Legend(title="model", orient="bottom")),
         facet=alt.Facet("pair:N", columns=3, title=None),

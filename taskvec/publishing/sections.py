@@ -427,8 +427,9 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
               n_dev: int, cache_dir: str | None = None, remote: bool | str = False) -> dict[str, pd.DataFrame]:
     """The conflicting-tasks table for ``pairs`` (task A, task B) on model ``name``, cached per pair.
 
-    The layer θ_B is patched at is chosen per pair on ``n_dev`` dev prompts of the conflicting
-    setting itself (accuracy w.r.t. B), then the table is scored on ``n_prompts`` test prompts.
+    θ_B is patched at B's own Hypothesis layer (the paper's rule) and, as a sensitivity check, at the layer
+    tuned in the conflicting setting, both chosen on ``n_dev`` dev prompts; the table is scored on
+    ``n_prompts`` test prompts.
     Returns ``table`` and ``dev_curve`` (see :func:`taskvec.studies.analysis.conflicting_tasks`), and
     ``skipped``: the pairs this model's tokenizer leaves too few shared single-token examples for one
     prompt (found before any forward pass, and cached like a result), with the reason.

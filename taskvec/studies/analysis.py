@@ -120,7 +120,10 @@ def conflict_prompts(task_a: Task, task_b: Task, n: int, n_shots: int, seed: int
 
 #: Columns of conflicting_tasks' table and dev curve.
 CONFLICT_COLUMNS = ["task_a", "task_b", "condition", "acc_a", "acc_b", "n", "layer", "n_dev"]
-CONFLICT_CURVE_COLUMNS = ["task_a", "task_b", "layer", "acc_a", "acc_b"]
+CONFLICT_CURVE_COLUMNS = ["task_a", "task_b", "layer", "acc_a", "acc_b", "b_alone"]
+#: The conditions of the table: no patch; θ_B at B's own Hypothesis layer (the paper's rule, the headline);
+#: θ_B at the layer tuned in the conflicting setting itself (a sensitivity check).
+CONFLICT_CONDITIONS = ("regular", "conflicting", "conflicting_tuned")
 
 
 def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Protocol,
@@ -129,12 +132,15 @@ def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Pr
 
     Prompts hold ``n_shots`` demonstrations of A and a query that both tasks define; θ_B comes
     from separate prompts of B (its own demonstrations and dummy queries, never A's query) and is
-    patched into the last token of A's full prompt. The layer is chosen in this setting itself:
-    on ``n_dev`` dev prompts, every layer is tried and the earliest with the best accuracy w.r.t. B
-    is kept; the table is then scored on ``n_prompts`` held-out test prompts.
+    patched into the last token of A's full prompt. The layer is the paper's (the original code's
+    ``run_overriding_task_vector``): B's own Hypothesis layer, the earliest best layer of θ_B patched into
+    B's query-only prompts, on ``n_dev`` dev prompts of B alone. As a sensitivity check the table also
+    scores θ_B at the layer tuned in the conflicting setting itself (the earliest best accuracy w.r.t. B on
+    ``n_dev`` dev prompts of A with θ_B); the table is scored on ``n_prompts`` held-out test prompts.
 
-    Returns a :class:`PairResult`: ``table`` (one row per condition: task_a, task_b, condition, acc_a, acc_b, n, layer,
-    n_dev) and ``dev_curve`` (one row per layer: task_a, task_b, layer, acc_a, acc_b).
+    Returns a :class:`PairResult`: ``table`` (one row per condition of :data:`CONFLICT_CONDITIONS`:
+    task_a, task_b, condition, acc_a, acc_b, n, layer, n_dev) and ``dev_curve`` (one row per layer: task_a,
+    task_b, layer, acc_a and acc_b in the conflicting setting, b_alone: B's own dev accuracy).
     """
     # Both tasks in A's format: θ_B is read from prompts written as A's, and B's answers are
     # scored after A's query line.
@@ -156,23 +162,30 @@ def conflicting_tasks(model: TaskModel, task_a: Task, task_b: Task, protocol: Pr
         return mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts_b], protocol.batch_size, phase)
 
     dev_a, dev_b = conflict_prompts(task_a, task_b, n_dev, n_shots, protocol.seed, "dev", protocol.n_dummies)
+    own = sample_prompts(task_b, n_dev, n_shots, protocol.seed, f"conflict-own-B-{task_a.name}", protocol.n_dummies)
+    layers = range(model.n_layers)
+    own_sweep = mechanism.patched_next_tokens(model, [p.query_text(fmt) for p in own], theta(own, "B alone dev θ"),
+                                              layers, protocol.patch_batch_size, "B alone dev sweep")
+    b_alone = [float(np.mean(score_b(own_sweep[layer].tolist(), [p.query for p in own]))) for layer in layers]
     sweep = mechanism.patched_next_tokens(model, [p.regular_text(fmt) for p in dev_a], theta(dev_b, "conflict dev θ"),
-                                          range(model.n_layers), protocol.batch_size, "conflict dev sweep")
+                                          layers, protocol.batch_size, "conflict dev sweep")
     curve = pd.DataFrame([{"task_a": task_a.name, "task_b": task_b.name, "layer": layer,
-                           **dict(zip(("acc_a", "acc_b"), accuracies(sweep[layer], dev_a)))}
-                          for layer in range(model.n_layers)])
-    layer = choose_layer(curve["acc_b"].tolist())
+                           **dict(zip(("acc_a", "acc_b"), accuracies(sweep[layer], dev_a))), "b_alone": b_alone[layer]}
+                          for layer in layers], columns=CONFLICT_CURVE_COLUMNS)
+    layer, tuned = choose_layer(b_alone), choose_layer(curve["acc_b"].tolist())
 
     test_a, test_b = conflict_prompts(task_a, task_b, n_prompts, n_shots, protocol.seed, "test", protocol.n_dummies)
     texts = [p.regular_text(fmt) for p in test_a]
     regular = mechanism.next_tokens(model, texts, protocol.batch_size, "conflict regular")
-    patched = mechanism.patched_next_tokens(model, texts, theta(test_b, "conflict θ"), [layer],
-                                            protocol.batch_size, "conflict patch")[0]
+    patched = mechanism.patched_next_tokens(model, texts, theta(test_b, "conflict θ"), sorted({layer, tuned}),
+                                            protocol.batch_size, "conflict patch")
+    at = dict(zip(sorted({layer, tuned}), patched))
     rows = []
-    for condition, ids in (("regular", regular), ("conflicting", patched)):
+    for condition, ids, where in (("regular", regular, layer), ("conflicting", at[layer], layer),
+                                  ("conflicting_tuned", at[tuned], tuned)):
         acc_a, acc_b = accuracies(ids, test_a)
         rows.append({"task_a": task_a.name, "task_b": task_b.name, "condition": condition, "acc_a": acc_a,
-                     "acc_b": acc_b, "n": len(test_a), "layer": layer, "n_dev": n_dev})
+                     "acc_b": acc_b, "n": len(test_a), "layer": where, "n_dev": n_dev})
     return PairResult(pd.DataFrame(rows, columns=CONFLICT_COLUMNS), curve)
 
 

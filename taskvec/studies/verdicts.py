@@ -73,6 +73,16 @@ def below_paper(ours: pd.Series, theirs: pd.DataFrame, tolerance: float = 0.05) 
     return [t for t in ours.index if t in theirs.index and ours.loc[t] < theirs.loc[t].min() - tolerance]
 
 
+#: Regular must do task A at least this well for a pair to hold a conflict for θ of B to override.
+MIN_REGULAR_A = 0.5
+
+
+def with_conflict(regular: pd.DataFrame, min_acc: float = MIN_REGULAR_A) -> set[tuple[str, str]]:
+    """The pairs (task_a, task_b) whose Regular condition does task A (accuracy w.r.t. A at least ``min_acc``):
+    only there is a conflict, so only there can following B mean that θ overrode the demonstrations."""
+    return {(a, b) for a, b, acc in regular[["task_a", "task_b", "acc_a"]].itertuples(index=False) if acc >= min_acc}
+
+
 def follows(conflicting: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The conflicting condition's pairs split by which task the model follows: (those whose accuracy with
     respect to B exceeds that with respect to A, the others)."""
