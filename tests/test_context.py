@@ -44,8 +44,12 @@ def test_held_out_queries_never_appear_in_the_pool(tiny_gpt2):
     held, rest = CX.held_out_split(task, 10, 6, seed=41)
     assert len(held) == 10 and {e.input for e in held}.isdisjoint(e.input for e in rest)
     assert len(held) + len(rest) == len(task)
-    # A task too small to hold anything out beside one prompt is a clear error.
-    small = task.restrict(task.examples[:6])
+    # The pool keeps twice what one prompt needs: 25 examples and prompts of 8 hold out 9, not 17.
+    letters = task.restrict(task.examples[:25])
+    held, rest = CX.held_out_split(letters, 25, 8, seed=41)
+    assert (len(held), len(rest)) == (9, 16)
+    # A task too small to hold anything out beside that pool is a clear error.
+    small = task.restrict(task.examples[:12])
     with pytest.raises(SettingError, match="none left to hold out"):
         CX.held_out_split(small, 5, 6, seed=41)
 
@@ -136,3 +140,22 @@ def test_theta_from_a_pool_beats_the_query_alone_on_the_real_model(real_model):
     assert min(margins) > 0 and sum(margins) / len(margins) >= 0.2, acc
     regular = result.shots[result.shots["condition"] == "regular"].groupby("shots")["correct"].mean()
     assert regular[5] > regular[1], regular
+
+
+def test_averaging_gain_is_paired_by_task_and_query():
+    rows = []
+    for task in ("a", "b"):
+        for query in range(10):
+            one = query < 3  # k = 1 right on 3 of 10 queries
+            many = True if task == "a" else query < 3  # k = 4 right on all 10 for a, the same 3 for b
+            rows += [{"task": task, "k": 1, "group": g, "condition": "hypothesis", "query": query, "correct": one}
+                     for g in range(2)]
+            rows += [{"task": task, "k": 4, "group": 0, "condition": "hypothesis", "query": query, "correct": many}]
+            rows += [{"task": task, "k": 0, "group": 0, "condition": "baseline", "query": query, "correct": False}]
+    gain = CX.averaging_gain(pd.DataFrame(rows))
+    assert (gain["k_lo"], gain["k_hi"], gain["n_pairs"], gain["n_tasks"]) == (1, 4, 20, 2)
+    assert gain["difference"] == pytest.approx(7 / 20) and gain["lo"] > 0 and gain["p_value"] < 0.05
+    same = pd.DataFrame(rows).assign(correct=lambda f: f["correct"] & (f["query"] < 3))
+    flat = CX.averaging_gain(same)
+    assert flat["difference"] == 0 and flat["lo"] <= 0 <= flat["hi"] and flat["p_value"] == 1.0
+    assert CX.held_out_counts(pd.DataFrame(rows)).to_dict() == {"a": 10, "b": 10}

@@ -29,8 +29,8 @@ def test_depth_verdict_flips_at_both_ends_of_the_paper_range():
 def test_averaging_verdict_needs_the_interval_to_leave_zero():
     assert V.averaging_verdict(0.01, 0.2).startswith("averaging helps")
     assert V.averaging_verdict(-0.2, -0.01).startswith("averaging hurts")
-    assert V.averaging_verdict(-0.05, 0.03).startswith("averaging changes nothing measurable")
-    assert V.averaging_verdict(0.0, 0.1).startswith("averaging changes nothing")  # zero itself is not above zero
+    assert V.averaging_verdict(-0.05, 0.03).startswith("averaging makes no detectable difference")
+    assert V.averaging_verdict(0.0, 0.1).startswith("averaging makes no detectable")  # zero itself is not above zero
 
 
 def test_within_and_below_the_paper_range():

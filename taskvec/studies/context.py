@@ -75,14 +75,21 @@ def shots_curve(model: TaskModel, task: Task, protocol: Protocol, layer: int, sh
     return pd.DataFrame(rows, columns=["task", "shots", "condition", "prompt", "correct"])
 
 
+#: The pool of examples the context prompts are drawn from keeps at least this many times what one prompt
+#: needs, so that different prompts are more than permutations of the same few examples.
+POOL_FACTOR = 2
+
+
 def held_out_split(task: Task, n_queries: int, need: int, seed: int) -> tuple[list, list]:
-    """``n_queries`` held-out examples (at most what leaves ``need`` for one prompt) and the rest."""
+    """``n_queries`` held-out examples, at most what leaves :data:`POOL_FACTOR` times ``need`` (the examples
+    of one prompt) for the pool, and the rest. A task of 25 letters and prompts of 8 holds out 9, not 17:
+    otherwise every "different prompt" would be a permutation of the same 8 letters."""
     examples = list(task.examples)
     random.Random(f"{seed}:{task.name}:held-out").shuffle(examples)
-    n = min(n_queries, len(examples) - need)
+    n = min(n_queries, len(examples) - POOL_FACTOR * need)
     if n < 1:
         raise TooFewExamples(f"task {task.name!r} has {len(examples)} examples: none left to hold out "
-                             f"beside a prompt of {need}")
+                             f"beside a pool of {POOL_FACTOR} x {need} (the examples of one prompt)")
     return examples[:n], examples[n:]
 
 
@@ -123,6 +130,31 @@ def contexts_curve(model: TaskModel, task: Task, protocol: Protocol, layer: int,
     rows += [{"task": task.name, "k": 0, "group": 0, "condition": "baseline", "query": i, "correct": ok}
              for i, ok in enumerate(base)]
     return pd.DataFrame(rows)
+
+
+def averaging_gain(contexts: pd.DataFrame, seed: int = 0) -> dict:
+    """What averaging θ over prompts changes, paired at the level of (task, held-out query): for each, the
+    accuracy of the mean θ over the most prompts minus that of one prompt's θ (each averaged over its
+    groups). Returns the two context counts, the mean change with its bootstrap interval over the (task,
+    query) pairs, the number of pairs and of tasks, and the Wilcoxon signed-rank p-value of the changes."""
+    from . import stats
+
+    hyp = contexts[contexts["condition"] == "hypothesis"]
+    k_lo, k_hi = int(hyp["k"].min()), int(hyp["k"].max())
+    by_query = hyp.groupby(["task", "query", "k"])["correct"].mean().unstack("k")
+    change = (by_query[k_hi] - by_query[k_lo]).dropna()
+    mean, lo, hi = stats.mean_interval(change, seed=seed)
+    nonzero = change[change != 0]
+    from scipy.stats import wilcoxon
+
+    p = float(wilcoxon(nonzero).pvalue) if len(nonzero) else 1.0
+    return {"k_lo": k_lo, "k_hi": k_hi, "difference": mean, "lo": lo, "hi": hi, "n_pairs": int(len(change)),
+            "n_tasks": int(change.index.get_level_values("task").nunique()), "p_value": p}
+
+
+def held_out_counts(contexts: pd.DataFrame) -> pd.Series:
+    """Per task: how many held-out queries its contexts curve was scored on."""
+    return contexts[contexts["condition"] == "baseline"].groupby("task", sort=False)["query"].nunique()
 
 
 def curve_summary(frame: pd.DataFrame, x: str) -> pd.DataFrame:

@@ -50,15 +50,16 @@ def range_verdict(first: float, last: float, lo: float, hi: float) -> str:
 
 def averaging_verdict(gain_lo: float, gain_hi: float) -> str:
     """What averaging θ over prompts does, from the interval of the change in accuracy (many prompts minus
-    one): helps (interval above zero), hurts (below zero), or changes nothing measurable."""
+    one): helps (interval above zero), hurts (below zero), or no detectable difference (not equivalence)."""
     if gain_lo > 0:
         return ("averaging helps: the mean over prompts scores higher than the θ of one prompt, beyond the noise between "
                 "tasks, so the θ of a single prompt is the task plus something particular to that prompt")
     if gain_hi < 0:
         return ("averaging hurts: the mean over prompts scores lower than the θ of one prompt, so what a prompt adds to "
                 "the task helps its own queries")
-    return ("averaging changes nothing measurable: the interval of the change holds zero, so the θ of one prompt is "
-            "already about as good as the mean of many, as a compact summary of the task would be")
+    return ("averaging makes no detectable difference on these tasks: the interval of the change holds zero, which "
+            "does not show that one prompt's θ is as good as the mean of many, only that these sizes cannot tell them "
+            "apart")
 
 
 def within_paper(ours: pd.Series, theirs: pd.DataFrame, tolerance: float = 0.05) -> list[str]:
