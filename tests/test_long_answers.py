@@ -225,3 +225,18 @@ def test_theta_carries_whole_answers_on_the_real_model(real_model):
     hyp = result.predictions[(result.predictions["condition"] == "hypothesis")
                              & (result.predictions["answer_tokens"] >= 2)]
     assert len(hyp) and hyp["full_correct"].any(), hyp
+
+
+def test_long_answers_are_compared_per_task_only_where_regular_does_them():
+    def rows(task, tokens, hyp, reg):
+        return [{"task": task, "condition": c, "prompt": i, "answer_tokens": tokens, "full_correct": ok}
+                for c, oks in (("hypothesis", hyp), ("regular", reg)) for i, ok in enumerate(oks)]
+
+    frame = pd.DataFrame(rows("capitals", 3, [True] * 4 + [False] * 6, [True] * 10)
+                         + rows("spell", 5, [False] * 10, [True] + [False] * 9)
+                         + rows("short", 1, [True] * 10, [True] * 10))
+    table = LA.long_by_task(frame).set_index("task")
+    assert list(table.index) == ["capitals", "spell"]  # one-token answers are not long
+    assert table.loc["capitals", "regular_does_it"] and not table.loc["spell", "regular_does_it"]
+    assert table.loc["capitals", "p_value"] < 0.05 and table.loc["spell", "p_value"] == 1.0
+    assert (table.loc["capitals", "hypothesis"], table.loc["capitals", "regular"]) == (0.4, 1.0)

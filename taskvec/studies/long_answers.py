@@ -156,6 +156,29 @@ def wide_table(predictions: pd.DataFrame, best_layers: dict[str, int]) -> pd.Dat
     return wide.set_index("task").loc[tasks].reset_index()
 
 
+#: A task counts as one the model does in context when Regular gets at least this share of its answers whole.
+MIN_REGULAR_WHOLE = 0.5
+
+
+def long_by_task(predictions: pd.DataFrame, min_tokens: int = 3, min_regular: float = MIN_REGULAR_WHOLE) -> pd.DataFrame:
+    """Hypothesis against Regular on whole answers, per task, over the test queries whose expected answer has at
+    least ``min_tokens`` tokens: n, each condition's share right, McNemar's exact test on the same queries, and
+    ``regular_does_it`` (Regular gets at least ``min_regular`` of the task's answers whole, all lengths): only on
+    such tasks can a gap say anything about θ rather than about the model."""
+    from . import stats
+
+    whole = predictions.groupby(["task", "condition"])["full_correct"].mean().unstack("condition")
+    long = predictions[predictions["answer_tokens"] >= min_tokens]
+    rows = []
+    for task, group in long.groupby("task", sort=False):
+        hyp = group[group["condition"] == "hypothesis"].set_index("prompt")["full_correct"].sort_index()
+        reg = group[group["condition"] == "regular"].set_index("prompt")["full_correct"].sort_index()
+        test = stats.mcnemar(hyp.to_numpy(), reg.to_numpy())
+        rows.append({"task": task, "n": test["n"], "hypothesis": float(hyp.mean()), "regular": float(reg.mean()),
+                     "p_value": test["p_value"], "regular_does_it": bool(whole.loc[task, "regular"] >= min_regular)})
+    return pd.DataFrame(rows, columns=["task", "n", "hypothesis", "regular", "p_value", "regular_does_it"])
+
+
 def by_length(predictions: pd.DataFrame, longest: int = 5) -> pd.DataFrame:
     """Full-answer accuracy per condition against the answer's length in tokens (``longest`` and more
     pooled as ``longest+``), over all tasks; with the prompts counted."""
