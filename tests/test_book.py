@@ -18,6 +18,7 @@ from browser import WIDTH, chromium, png_size  # noqa: F401 (chromium: a fixture
 from glue_check import check_glue, glue_roles
 from taskvec.publishing import book, runner
 from taskvec.publishing import sections
+from taskvec.settings import Protocol
 
 ROOT = Path(__file__).parent.parent
 CHART_PAGES = {"data": 1, "finding_L": 2, "accuracy": 2, "geometry": 2, "dominance": 2, "beyond": 2, "needs": 2,
@@ -131,7 +132,7 @@ def test_numbers_in_the_prose_come_from_the_results(built):
     root, record = built
     default, profiles = runner.load_experiments(ROOT / "experiments.yaml")
     tiny = profiles["tiny"]
-    results = sections.main_results(tiny.models, tiny.tasks, sections.protocol_from(tiny.protocol), progress=False)
+    results = sections.main_results(tiny.models, tiny.tasks, Protocol(**tiny.protocol_settings()), progress=False)
     avg = sections.averages(results).iloc[0]
     shown = {}
     for role in glue_roles(root / "book" / "sections" / "accuracy.ipynb"):
