@@ -1,6 +1,6 @@
 """Altair charts for the book: one function per figure, interactive (tooltips, legend selection).
 
-Charts take the tidy tables from :mod:`taskvec.studies.sections` and know nothing the tables do
+Charts take the tidy tables from :mod:`taskvec.publishing.sections` and know nothing the tables do
 not say (layer counts, task names and categories all come from the data).
 """
 
@@ -57,7 +57,7 @@ def finding_layer(curves: pd.DataFrame) -> alt.Chart:
 
 def accuracy_bars(intervals: pd.DataFrame) -> alt.Chart:
     """Fig. 2: Baseline / Hypothesis / Regular accuracy per task with 95% Wilson intervals (black
-    rules), one panel per model; ``intervals`` is :func:`taskvec.studies.sections.intervals`."""
+    rules), one panel per model; ``intervals`` is :func:`taskvec.publishing.sections.intervals`."""
     tasks = list(dict.fromkeys(intervals["task"]))
     data = intervals.assign(task=task_labels(intervals), order=intervals["task"].map(tasks.index),
                             condition=intervals["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
@@ -206,7 +206,7 @@ def dominance_bars(table: pd.DataFrame) -> alt.Chart:
 
 def comparison_dots(table: pd.DataFrame, spans: pd.DataFrame | None = None) -> alt.Chart:
     """Mean accuracy per model and condition: this run (filled, with its 95% interval from ``spans``,
-    :func:`taskvec.studies.sections.mean_intervals`) beside the paper's Table 6 (hollow)."""
+    :func:`taskvec.publishing.sections.mean_intervals`) beside the paper's Table 6 (hollow)."""
     long = table.melt(id_vars=["source", "model"], value_vars=CONDITIONS, var_name="condition", value_name="accuracy")
     long["condition"] = long["condition"].map(CONDITION_NAMES)
     order = list(dict.fromkeys(table["model"]))
@@ -256,7 +256,7 @@ def dominance_layers(curve: pd.DataFrame) -> alt.Chart:
 
 def format_effect(both: pd.DataFrame) -> alt.Chart:
     """Each word task's accuracy written bare (hollow) and as the format rule writes it (filled), with 95%
-    intervals, one panel per condition; ``both`` is :func:`taskvec.studies.sections.intervals` of the two runs with a
+    intervals, one panel per condition; ``both`` is :func:`taskvec.publishing.sections.intervals` of the two runs with a
     ``written`` column ("bare" or "rule")."""
     data = both.assign(condition=both["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
     order = list(dict.fromkeys(data["task"]))
