@@ -167,7 +167,7 @@ def test_a_notebook_reexecutes_by_hand_with_papermill(built, tmp_path):
     out = tmp_path / "accuracy.ipynb"
     cmd = [str(Path(sys.executable).parent / "papermill"), str(ROOT / "nb" / "accuracy.ipynb"), str(out),
            "-k", "python3", "-p", "models", tiny.models[0],
-           "-y", yaml.safe_dump({"tasks": tiny.tasks, "protocol": tiny.protocol})]
+           "-y", yaml.safe_dump({"tasks": tiny.tasks, "protocol": tiny.protocol_settings()})]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     nb = nbformat.read(out, as_version=4)

@@ -42,6 +42,13 @@ class _Settings(Settings):
     def _protocol(cls, value):
         return Protocol(**value) if isinstance(value, dict) else value
 
+    @field_validator("models", "tasks", "run_on", "long_tasks", "needs_tasks", "compare_tasks", mode="before",
+                     check_fields=False)
+    @classmethod
+    def _names(cls, value):
+        """A list of names, or one comma-separated string as ``papermill -p models a,b`` passes it."""
+        return as_list(value) if isinstance(value, str) else value
+
     @field_validator("tasks", check_fields=False)
     @classmethod
     def _known_tasks(cls, value: list[str]) -> list[str]:

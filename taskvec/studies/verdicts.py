@@ -58,8 +58,8 @@ def averaging_verdict(gain_lo: float, gain_hi: float) -> str:
         return ("averaging hurts: the mean over prompts scores lower than the θ of one prompt, so what a prompt adds to "
                 "the task helps its own queries")
     return ("averaging makes no detectable difference on these tasks: the interval of the change holds zero, which "
-            "does not show that one prompt's θ is as good as the mean of many, only that these sizes cannot tell them "
-            "apart")
+            "does not show that the θ of one prompt is as good as the mean of many, only that these sizes cannot tell "
+            "them apart")
 
 
 def within_paper(ours: pd.Series, theirs: pd.DataFrame, tolerance: float = 0.05) -> list[str]:
