@@ -201,7 +201,7 @@ def dominance_bars(table: pd.DataFrame) -> alt.Chart:
         column=alt.Column("condition:N", sort=["regular", "conflicting", "conflicting_tuned"], title=None),
         row=alt.Row("model:N", title=None),
         tooltip=["model:N", "pair:N", "condition:N", "scored_as:N", alt.Tooltip("accuracy:Q", format=".2f")],
-    ).properties(width=200, height=alt.Step(14))
+    ).properties(width=130, height=alt.Step(14))  # three conditions side by side fit the text column
 
 
 def comparison_dots(table: pd.DataFrame, spans: pd.DataFrame | None = None) -> alt.Chart:
