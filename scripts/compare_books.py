@@ -22,7 +22,8 @@ from glue_check import glue_values  # noqa: E402
 VOLATILE = re.compile(r"seconds|_s$|minutes|wall|time", re.I)
 #: Inside tables and text: durations, temporary paths and hashes of code that change with any edit.
 SCRUB = [(re.compile(r"/tmp/[^\s\"'<]*"), "<tmp>"), (re.compile(r"\b\d+(\.\d+)? ?s\b"), "<seconds>"),
-         (re.compile(r"[0-9a-f]{16,64}"), "<hash>"), (re.compile(r"altair-viz-[0-9a-f]+"), "altair-viz")]
+         (re.compile(r"[0-9a-f]{16,64}"), "<hash>"), (re.compile(r"altair-viz-[0-9a-f]+"), "altair-viz"),
+         (re.compile(r"\bT_[0-9a-f]{5}"), "T_<styler-id>")]  # pandas Styler ids are random
 
 
 def outputs(nb: nbformat.NotebookNode) -> list[str]:
