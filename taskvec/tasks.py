@@ -70,14 +70,16 @@ class Task:
         return len(self.examples)
 
     def is_correct(self, predicted: str, example: Example) -> bool:
-        """Score the decoded first predicted token against the example's accepted answers."""
+        """Score decoded predicted text against the example's accepted answers, both stripped: ``exact`` tasks
+        need equality; ``prefix`` tasks (the original code's rule) accept either one starting with the other,
+        so ``Par`` and ``Paris,`` both count for ``Paris``."""
         pred = predicted.strip()
         if not pred:
             return False
         answers = [out.strip() for out in example.outputs]
         if self.compare == "exact":
             return pred in answers
-        return any(answer.startswith(pred) for answer in answers)
+        return any(answer and (answer.startswith(pred) or pred.startswith(answer)) for answer in answers)
 
     def identity(self) -> dict:
         """Everything about the task that decides a result (for cache keys): name, scoring, examples."""

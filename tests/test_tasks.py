@@ -54,6 +54,10 @@ def test_scoring_rules():
     assert not exact.is_correct("wen", exact.examples[0])
     prefix = Task("t", "knowledge", "d", "prefix", (Example("USA", ("Washington",)),))
     assert prefix.is_correct("Wash", prefix.examples[0])
+    # Either direction, as the original code: a prediction that runs past the answer counts too.
+    assert prefix.is_correct(" Washington,", prefix.examples[0])
+    assert not prefix.is_correct("Washingtown", prefix.examples[0])
+    assert not exact.is_correct("wenty", exact.examples[0])  # exact tasks stay exact
     assert not prefix.is_correct("Paris", prefix.examples[0])
     assert not prefix.is_correct("  ", prefix.examples[0])
     many = Task("t", "linguistic", "d", "exact", (Example("big", ("small", "little")),))
