@@ -278,6 +278,7 @@ class GeneratePayload:
     stop_ids: list[int]  #: token ids that end a row (:func:`stop_token_ids`)
     layer: int | None = None  #: the layer after which θ is written, or None for no patch
     theta: torch.Tensor | None = None  #: (rows, d_model) placed for the model (:func:`_placed`), or None
+    every: bool = False  #: θ written at every step's new position, not only the prompt's last (``patch="every"``)
 
 
 # --- sessions: each runs its payloads' traces in one nnsight session (remotely: one request) ---------
@@ -356,7 +357,10 @@ def _generate_session(model: TaskModel, payloads: Sequence[GeneratePayload]) -> 
 
     With ``theta``, the residual stream after ``layer`` at each row's last prompt token is
     overwritten in the first forward only (the prompt's); the patched position then stays in the
-    key/value cache for every later token.
+    key/value cache for every later token. With ``every``, the last position of every forward is
+    overwritten. A loop over steps must get every step it names (nnsight skips what follows a loop cut
+    short), so that run does not stop at a stop token: it always makes ``max_new_tokens`` steps, and
+    :func:`generate` cuts each row at its first stop token, as greedy rows are independent.
     """
     layer_modules = model.arch.layer_modules(model.nn)
     pad = model.tokenizer.pad_token_id
@@ -365,9 +369,11 @@ def _generate_session(model: TaskModel, payloads: Sequence[GeneratePayload]) -> 
         values = nnsight.save([])
         for payload in payloads:
             width = payload.inputs["input_ids"].shape[1]
-            with model.nn.generate(payload.inputs, max_new_tokens=payload.max_new_tokens, do_sample=False, eos_token_id=payload.stop_ids, pad_token_id=pad) as tracer:
+            steps = payload.max_new_tokens if payload.every else 1
+            stops = None if payload.every else payload.stop_ids
+            with model.nn.generate(payload.inputs, max_new_tokens=payload.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad) as tracer:
                 if payload.theta is not None:
-                    for step in tracer.iter[0]:
+                    for step in tracer.iter[0:steps]:
                         residual(layer_modules[payload.layer].output)[:, -1, :] = payload.theta
                 values.append(tracer.result[:, width:])
     return remote.wait(job)["values"] if job is not None else values
@@ -587,6 +593,9 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
 
 _STOP_IDS: dict[tuple[int, str], list[int]] = {}
 
+#: Where :func:`generate` writes θ: the prompt's last token only (Hypothesis), or every generated one too.
+PATCH_MODES = ("prompt", "every")
+
 
 def stop_token_ids(model: TaskModel, stop: str = "\n") -> list[int]:
     """Every token id whose text contains ``stop`` (a newline may come merged with other characters),
@@ -606,18 +615,23 @@ def stop_token_ids(model: TaskModel, stop: str = "\n") -> list[int]:
 
 @torch.no_grad()
 def generate(model: TaskModel, texts: Sequence[str], max_new_tokens: int, vectors: torch.Tensor | None = None,
-             layer: int | None = None, stop: str = "\n", batch_size: int = 64, phase: str = "generate") -> list[list[int]]:
+             layer: int | None = None, stop: str = "\n", batch_size: int = 64, phase: str = "generate",
+             patch: str = "prompt") -> list[list[int]]:
     """Greedy continuation of each text: at most ``max_new_tokens`` token ids, ending with the first
     token that contains ``stop`` (kept, so a merged token's text is not lost) or at the limit.
 
-    With ``vectors`` (n_texts, d_model) and ``layer``: θ patched after ``layer`` at each text's last
-    token (Hypothesis), in the prompt's forward only; the patched position stays in the key/value cache,
-    so every later token attends to it. Batches are left padded (positions from the attention mask),
-    so a batch gives the answers of its texts run one by one.
+    With ``vectors`` (n_texts, d_model) and ``layer``: θ written after ``layer``. ``patch="prompt"``
+    (Hypothesis): at each text's last token, in the prompt's forward only; the patched position stays in
+    the key/value cache, so every later token attends to it. ``patch="every"`` (a control): also at each
+    generated token as it is fed back, so every position the answer is produced from holds θ after
+    ``layer`` (and so no longer its own token's state there). Batches are left padded (positions from the
+    attention mask), so a batch gives the answers of its texts run one by one.
     """
     n = len(texts)
     if int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if patch not in PATCH_MODES:
+        raise ValueError(f"patch must be one of {', '.join(PATCH_MODES)}, got {patch!r}")
     if (vectors is None) != (layer is None):
         raise ValueError("give both vectors and layer (Hypothesis), or neither (Regular, Baseline)")
     if vectors is not None:
@@ -636,7 +650,7 @@ def generate(model: TaskModel, texts: Sequence[str], max_new_tokens: int, vector
         theta = None if vectors is None else _placed(model, vectors[rows])
         sent = _sent_bytes(inputs) + (0 if theta is None else int(theta.numel()) * 4)
         payload = GeneratePayload(inputs=inputs, max_new_tokens=int(max_new_tokens), stop_ids=stop_ids, layer=layer,
-                                  theta=theta)
+                                  theta=theta, every=patch == "every" and theta is not None)
         units.append(_Unit(payload=payload, result_bytes=len(rows) * max_new_tokens * 8, sent_bytes=sent, traces=1,
                            rows=len(rows), tokens=int(enc["attention_mask"].sum()) + len(rows) * (max_new_tokens - 1),
                            heads=len(rows) * max_new_tokens))
@@ -659,7 +673,8 @@ def vocab_logits(model: TaskModel, vectors: torch.Tensor) -> torch.Tensor:
     """Residual-stream vectors read through the final norm and the unembedding, (n, vocab) float32 on CPU.
 
     The model's own read-out, applied inside a trace (on a one-token input), so it runs wherever
-    the model does, NDIF included. ``vectors``: (n, d_model).
+    the model does, NDIF included. ``vectors``: (n, d_model). A model whose forward caps its final
+    logits (``final_logit_softcapping``, Gemma 2) gets the same cap here, ``c * tanh(logits / c)``.
     """
     if vectors.dim() != 2 or vectors.shape[1] != model.d_model:
         raise ValueError(f"vectors must be (n, d_model={model.d_model}), got {tuple(vectors.shape)}")
@@ -667,4 +682,6 @@ def vocab_logits(model: TaskModel, vectors: torch.Tensor) -> torch.Tensor:
     enc = encode(model, [model.tokenizer.decode([model.tokenizer.pad_token_id])])
     unit = _Unit(payload=VocabPayload(inputs=enc, vectors=theta), result_bytes=_value_bytes(model, True) * len(theta),
                  sent_bytes=_sent_bytes(enc, theta), traces=1, rows=1, tokens=1, heads=len(theta))
-    return _requests(model, "vocab", [unit], _vocab_session)[0].cpu()
+    logits = _requests(model, "vocab", [unit], _vocab_session)[0].cpu()
+    cap = getattr(model.hf.config, "final_logit_softcapping", None)
+    return logits if not cap else torch.tanh(logits / cap) * cap

@@ -30,16 +30,20 @@ STEPS = 6
 
 
 def plain_generate(model, text: str, steps: int, layer: int | None = None, vector: torch.Tensor | None = None,
-                   stop_ids=()) -> list[int]:
+                   stop_ids=(), every: bool = False) -> list[int]:
     """Greedy decoding without a cache: the whole sequence runs again at every step; with ``vector``, a forward
-    hook overwrites the output of ``layer`` at the prompt's last position (every step, as the cache keeps it)."""
+    hook overwrites the output of ``layer`` at the prompt's last position (every step, as the cache keeps it),
+    and with ``every`` at each generated position after it too."""
     ids = model.tokenizer(text, return_tensors="pt").input_ids
     position = ids.shape[1] - 1
     hook = None
     if vector is not None:
         def replace(mod, args, out):
             hidden = residual(out).clone()
-            hidden[:, position] = vector
+            if every:
+                hidden[:, position:] = vector
+            else:
+                hidden[:, position] = vector
             return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
         hook = model.arch.layer_modules(model.hf)[layer].register_forward_hook(replace)
     out = []
@@ -69,6 +73,38 @@ def test_generate_matches_a_plain_loop_with_a_hook(tiny):
     assert clean == [plain_generate(tiny, t, STEPS, stop_ids=stop) for t in TEXTS]
     # The patch does something (guards against a silent no-op on both sides).
     assert got != clean
+
+
+def test_generate_every_matches_a_plain_loop_that_writes_theta_at_every_new_position(tiny):
+    """The control: θ at the prompt's last position and at every generated one. The run makes every step
+    (no early stop inside nnsight's step loop); each row is still cut at its first stop token."""
+    torch.manual_seed(2)
+    vectors = torch.randn(len(TEXTS), tiny.d_model) * 5
+    stop = set(mechanism.stop_token_ids(tiny))
+    layer = 1
+    every = mechanism.generate(tiny, TEXTS, STEPS, vectors, layer, batch_size=8, patch="every")
+    for i, text in enumerate(TEXTS):
+        assert every[i] == plain_generate(tiny, text, STEPS, layer, vectors[i], stop, every=True), (tiny.name, i)
+    once = mechanism.generate(tiny, TEXTS, STEPS, vectors, layer, batch_size=8)
+    assert [ids[0] for ids in every] == [ids[0] for ids in once]  # the first token sees the same θ
+    assert every != once  # and the later ones do not (guards against a silent no-op)
+    one_by_one = [mechanism.generate(tiny, [t], STEPS, vectors[i:i + 1], layer, patch="every")[0]
+                  for i, t in enumerate(TEXTS)]
+    assert every == one_by_one
+
+
+def test_every_stops_rows_at_their_stop_token(tiny_gpt2):
+    """Without early stopping in the run, a row that reached a stop token still ends there: the stop string
+    is taken from what row 0 generates unstopped, so that row must end on it."""
+    vectors = torch.randn(len(TEXTS), tiny_gpt2.d_model, generator=torch.Generator().manual_seed(3)) * 5
+    free = mechanism.generate(tiny_gpt2, TEXTS, 12, vectors, 2, patch="every", stop="\x00")
+    stop_text = tiny_gpt2.tokenizer.decode([free[0][2]])
+    generated = mechanism.generate(tiny_gpt2, TEXTS, 12, vectors, 2, patch="every", stop=stop_text)
+    stop = set(mechanism.stop_token_ids(tiny_gpt2, stop_text))
+    assert len(generated[0]) <= 3 and generated[0][-1] in stop
+    for ids, unstopped in zip(generated, free):
+        assert all(t not in stop for t in ids[:-1])
+        assert ids == unstopped[:len(ids)]  # the same greedy tokens up to the stop
 
 
 def test_a_batch_generates_what_its_prompts_generate_one_by_one(tiny):
@@ -103,6 +139,7 @@ def test_generation_stops_at_the_separator_and_keeps_it(tiny_gpt2):
     ({"max_new_tokens": 3, "layer": 1}, "both vectors and layer"),
     ({"max_new_tokens": 3, "layer": 1, "vectors": torch.zeros(2, 32)}, "vectors must be"),
     ({"max_new_tokens": 3, "layer": 9, "vectors": torch.zeros(3, 32)}, "out of range"),
+    ({"max_new_tokens": 3, "patch": "all"}, "patch must be one of prompt, every"),
 ])
 def test_generate_rejects_bad_arguments(tiny_gpt2, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -240,3 +277,34 @@ def test_long_answers_are_compared_per_task_only_where_regular_does_them():
     assert table.loc["capitals", "regular_does_it"] and not table.loc["spell", "regular_does_it"]
     assert table.loc["capitals", "p_value"] < 0.05 and table.loc["spell", "p_value"] == 1.0
     assert (table.loc["capitals", "hypothesis"], table.loc["capitals", "regular"]) == (0.4, 1.0)
+
+
+def planted_predictions(every_right: int, once_right: int, n: int = 20, regular: float = 1.0) -> pd.DataFrame:
+    """Two tasks of ``n`` two-token answers: "does" (Regular right at rate ``regular``) with Every right on the
+    first ``every_right`` queries and Hypothesis on the first ``once_right``; "cannot" (Regular never right)
+    where Every is always right, so counting it would tip any test."""
+    rows = []
+    for task, reg in (("does", regular), ("cannot", 0.0)):
+        for i in range(n):
+            right = {"regular": i < reg * n, "hypothesis": i < once_right and task == "does",
+                     "every": i < every_right if task == "does" else True, "baseline": False}
+            rows += [{"task": task, "condition": c, "prompt": i, "answer_tokens": 2, "full_correct": ok}
+                     for c, ok in right.items()]
+    return pd.DataFrame(rows)
+
+
+def test_the_control_pairs_queries_on_tasks_the_model_does_and_its_verdict_flips():
+    from taskvec.studies import verdicts as V
+
+    better = LA.control_test(planted_predictions(every_right=18, once_right=2))
+    assert better["tasks"] == ["does"] and better["n"] == 20  # "cannot" is left out
+    assert (better["every"], better["once"], better["every_only"], better["once_only"]) == (0.9, 0.1, 16, 0)
+    assert better["p_value"] < 0.001
+    assert "more whole answers" in V.control_verdict(better["every"], better["once"], better["n"], better["p_value"])
+    same = LA.control_test(planted_predictions(every_right=10, once_right=9))
+    assert same["p_value"] == 1.0
+    assert "no detectable difference" in V.control_verdict(same["every"], same["once"], same["n"], same["p_value"])
+    short = LA.control_test(planted_predictions(every_right=18, once_right=2), min_tokens=3)
+    assert short["n"] == 0  # two-token answers only: none qualifies
+    none = LA.control_test(planted_predictions(every_right=18, once_right=2, regular=0.25))
+    assert none["tasks"] == [] and none["n"] == 0

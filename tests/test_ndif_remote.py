@@ -56,11 +56,12 @@ def test_remote_equals_local_on_every_operation(served):
             assert a.tolist() == b.tolist(), name  # token ids exactly
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()), msg=name)
-    # Answers of several tokens: HF generate on the server, θ patched in the prompt's forward only.
-    for layer in (None, 1):
+    # Answers of several tokens: HF generate on the server, θ patched in the prompt's forward only, and the
+    # control that writes it at every generated position (a loop over all steps, no early stop).
+    for layer, patch in ((None, "prompt"), (1, "prompt"), (1, "every")):
         theta = None if layer is None else vectors[:, layer]
-        far_ids = mechanism.generate(far, TEXTS, 5, theta, layer, batch_size=3)
-        assert far_ids == mechanism.generate(near, TEXTS, 5, theta, layer, batch_size=3), layer
+        far_ids = mechanism.generate(far, TEXTS, 5, theta, layer, batch_size=3, patch=patch)
+        assert far_ids == mechanism.generate(near, TEXTS, 5, theta, layer, batch_size=3, patch=patch), (layer, patch)
 
 
 def test_a_phase_is_one_request(served):

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from taskvec import compat, mechanism
+from taskvec.arch import residual
+from conftest import tiny_model
 
 TEXTS = ["example:a->b\nexample:c->", "example:x->", "example:hot->cold\nexample:up->"]
 PAYLOADS = [mechanism.PlainPayload, mechanism.VocabPayload, mechanism.Patch, mechanism.PatchedPayload,
@@ -102,6 +104,41 @@ def test_vocab_logits_are_the_models_own_read_out(tiny_gpt2):
     with torch.no_grad():
         want = tiny_gpt2.hf.lm_head(tiny_gpt2.hf.transformer.ln_f(vectors))
     torch.testing.assert_close(mechanism.vocab_logits(tiny_gpt2, vectors), want)
+
+
+def _last_layer_state_and_logits(model):
+    """The last layer's output at the last position of a prompt, and the model's own logits there."""
+    ids = model.tokenizer("example:ab->", return_tensors="pt").input_ids
+    seen = {}
+    last = model.arch.layer_modules(model.hf)[model.n_layers - 1]
+
+    def keep(mod, args, out):  # returns None: the output goes on unchanged
+        seen["h"] = residual(out)[0, -1].clone()
+
+    handle = last.register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            logits = model.hf(input_ids=ids).logits[0, -1]
+    finally:
+        handle.remove()
+    return seen["h"], logits
+
+
+def test_vocab_logits_of_the_last_layer_are_the_models_next_token_logits(tiny):
+    state, logits = _last_layer_state_and_logits(tiny)
+    torch.testing.assert_close(mechanism.vocab_logits(tiny, state[None, :])[0], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_vocab_logits_apply_the_final_soft_cap_as_the_forward_does():
+    """Gemma 2's ``final_logit_softcapping`` (null for Gemma 3, whose forward applies it when set): 0.5 here, so
+    that it bites on these small logits; the read-out must give the capped logits the model itself gives."""
+    model = tiny_model("gemma3")
+    model.hf.config.final_logit_softcapping = 0.5
+    state, logits = _last_layer_state_and_logits(model)
+    assert logits.abs().max() <= 0.5
+    torch.testing.assert_close(mechanism.vocab_logits(model, state[None, :])[0], logits, rtol=1e-4, atol=1e-4)
+    model.hf.config.final_logit_softcapping = None
+    assert mechanism.vocab_logits(model, state[None, :])[0].abs().max() > 0.5  # the cap is what made the difference
 
 
 # --- the libraries' private APIs ---------------------------------------------------------------
