@@ -62,3 +62,13 @@ def test_a_pair_without_regular_doing_a_holds_no_conflict():
                             "acc_a": [0.04, 1.0]})
     assert V.with_conflict(regular) == {("list_last", "list_first")}
     assert V.with_conflict(regular.assign(acc_a=[0.5, 1.0])) == {("prev_letter", "next_letter"), ("list_last", "list_first")}
+
+
+def test_control_verdict_flips_with_the_test_and_names_no_mechanism():
+    assert "more whole answers" in V.control_verdict(0.8, 0.2, 40, 0.001)
+    assert "fewer whole answers" in V.control_verdict(0.2, 0.8, 40, 0.001)
+    null = V.control_verdict(0.3, 0.25, 40, 0.6)
+    assert "no detectable difference" in null and "not a proof" in null
+    assert "No query qualifies" in V.control_verdict(float("nan"), float("nan"), 0, 1.0)
+    for text in (V.control_verdict(0.8, 0.2, 40, 0.001), null):
+        assert "cache" not in text and "because" not in text

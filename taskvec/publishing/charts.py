@@ -276,7 +276,9 @@ def format_effect(both: pd.DataFrame) -> alt.Chart:
 
 
 #: Conditions as the beyond-the-paper tables name them (``condition`` column).
-CONDITION_LABELS = {"baseline": "Baseline", "hypothesis": "Hypothesis", "regular": "Regular"}
+CONDITION_LABELS = {"baseline": "Baseline", "hypothesis": "Hypothesis", "every": "Every step", "regular": "Regular"}
+#: Beyond one token adds a control, θ written at every generated position ("Every step"), in its own colour.
+LONG_COLORS = alt.Scale(domain=list(CONDITION_LABELS.values()), range=["#9e9e9e", "#e45756", "#f58518", "#4c78a8"])
 
 
 def first_vs_full(table: pd.DataFrame) -> alt.Chart:
@@ -286,7 +288,7 @@ def first_vs_full(table: pd.DataFrame) -> alt.Chart:
                         label=table["task"] + " (" + table["answer_tokens"].round(1).astype(str) + " tok)")
     y = alt.Y("label:N", title="task (mean answer length in tokens)", sort=alt.SortField("answer_tokens"))
     offset = alt.YOffset("condition:N", sort=list(CONDITION_LABELS.values()))
-    color = alt.Color("condition:N", scale=CONDITION_COLORS, legend=alt.Legend(title="condition", orient="top"))
+    color = alt.Color("condition:N", scale=LONG_COLORS, legend=alt.Legend(title="condition", orient="top"))
     tip = ["model:N", "task:N", "condition:N", alt.Tooltip("first_token_acc:Q", title="first token", format=".2f"),
            alt.Tooltip("full_answer_acc:Q", title="full answer", format=".2f"), "n:Q",
            alt.Tooltip("answer_tokens:Q", title="mean answer tokens", format=".1f")]
@@ -313,7 +315,7 @@ def by_length(table: pd.DataFrame) -> alt.Chart:
         x=alt.X("length_label:O", title="answer length (tokens)", sort=sorted(data["length_label"].unique(),
                                                                               key=lambda s: int(s.rstrip("+")))),
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("condition:N", scale=CONDITION_COLORS, legend=alt.Legend(orient="top")),
+        color=alt.Color("condition:N", scale=LONG_COLORS, legend=alt.Legend(orient="top")),
         # Solid full answer, dashed first token: the caption says so (a dash legend draws blank here).
         strokeDash=alt.StrokeDash("metric:N", sort=["full answer", "first token"], legend=None),
         tooltip=["model:N", "condition:N", "metric:N", "length_label:N", alt.Tooltip("accuracy:Q", format=".2f"), "n:Q"],

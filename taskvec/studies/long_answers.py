@@ -3,9 +3,10 @@
 The paper scores only the first token of an answer, so it drops every example whose answer is several
 tokens. Here every example is usable. Per task: choose ``L`` as the main experiment does (the dev prompts'
 first-token accuracy of the patched query, every layer swept), then generate greedily, up to
-``max_new_tokens``, for the same test queries under three conditions: Regular (demonstrations + query),
+``max_new_tokens``, for the same test queries under four conditions: Regular (demonstrations + query),
 Hypothesis (the query alone, θ of the prompt's own demonstrations patched after ``L`` at its last token,
-that position staying in the key/value cache) and Baseline (the query alone). Each answer is scored two
+that position staying in the key/value cache), Every (a control: the same θ also written after ``L`` at
+each generated token as it is fed back) and Baseline (the query alone). Each answer is scored two
 ways: its first token (the paper's rule for exact tasks, extended to answers of several tokens: the first
 generated token's text, stripped, equals the stripped text of an accepted answer's first token) and the
 whole answer (the generated text up to the separator, stripped, equals an accepted answer).
@@ -32,7 +33,7 @@ from ..store import Store, read_json, read_records, write_json, write_records
 from ..tasks import Task
 from ..study import ModelRef, Study, cached
 
-CONDITIONS = ("baseline", "hypothesis", "regular")
+CONDITIONS = ("baseline", "hypothesis", "every", "regular")
 
 
 def check_max_new_tokens(value) -> int:
@@ -55,7 +56,7 @@ class LongAnswerParams(Settings):
 
     max_new_tokens: Count = Field(8, description="longest answer generated, in tokens (the separator included)")
     n_dev: Count = Field(20, description="dev prompts per task on which L is chosen (first-token accuracy of the patched query)")
-    n_test: Count = Field(32, description="test prompts per task, answered under all three conditions")
+    n_test: Count = Field(32, description="test prompts per task, answered under all four conditions")
 
 
 @dataclass
@@ -113,6 +114,8 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, max_new_tokens: i
                                       batch_size=p.batch_size, phase="regular generate"),
         "hypothesis": mechanism.generate(model, queries, max_new_tokens, theta[:, best], best, stop=separator,
                                          batch_size=p.batch_size, phase="hypothesis generate"),
+        "every": mechanism.generate(model, queries, max_new_tokens, theta[:, best], best, stop=separator,
+                                    batch_size=p.batch_size, phase="every generate", patch="every"),
         "baseline": mechanism.generate(model, queries, max_new_tokens, stop=separator, batch_size=p.batch_size,
                                        phase="baseline generate"),
     }
@@ -177,6 +180,28 @@ def long_by_task(predictions: pd.DataFrame, min_tokens: int = 3, min_regular: fl
         rows.append({"task": task, "n": test["n"], "hypothesis": float(hyp.mean()), "regular": float(reg.mean()),
                      "p_value": test["p_value"], "regular_does_it": bool(whole.loc[task, "regular"] >= min_regular)})
     return pd.DataFrame(rows, columns=["task", "n", "hypothesis", "regular", "p_value", "regular_does_it"])
+
+
+def control_test(predictions: pd.DataFrame, min_tokens: int = 2, min_regular: float = MIN_REGULAR_WHOLE) -> dict:
+    """The control, θ written at every generated position (Every) against once (Hypothesis): whole answers on
+    the same test queries whose expected answer has at least ``min_tokens`` tokens (where later tokens
+    matter), pooled over the tasks Regular does (see :func:`long_by_task`). Returns the tasks, n, each
+    condition's share right and McNemar's exact test (``every_only``, ``once_only``, ``p_value``)."""
+    from . import stats
+
+    whole = predictions.groupby(["task", "condition"])["full_correct"].mean().unstack("condition")
+    tasks = [t for t in dict.fromkeys(predictions["task"]) if whole.loc[t, "regular"] >= min_regular]
+    rows = predictions[predictions["task"].isin(tasks) & (predictions["answer_tokens"] >= min_tokens)]
+
+    def outcome(condition):
+        return rows[rows["condition"] == condition].sort_values(["task", "prompt"])["full_correct"].to_numpy()
+
+    every, once = outcome("every"), outcome("hypothesis")
+    test = stats.mcnemar(every, once)
+    return {"tasks": tasks, "min_tokens": min_tokens, "n": test["n"],
+            "every": float(every.mean()) if len(every) else float("nan"),
+            "once": float(once.mean()) if len(once) else float("nan"),
+            "every_only": test["a_only"], "once_only": test["b_only"], "p_value": test["p_value"]}
 
 
 def by_length(predictions: pd.DataFrame, longest: int = 5) -> pd.DataFrame:

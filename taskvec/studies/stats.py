@@ -57,8 +57,8 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> dict:
         raise ValueError(f"paired outcomes need the same prompts, got {a.shape} and {b.shape}")
     a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
     p = sps.binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
-    return {"n": int(a.size), "a_only": a_only, "b_only": b_only, "difference": float(a.mean() - b.mean()),
-            "p_value": float(p)}
+    difference = float(a.mean() - b.mean()) if a.size else float("nan")
+    return {"n": int(a.size), "a_only": a_only, "b_only": b_only, "difference": difference, "p_value": float(p)}
 
 
 def holm(p_values) -> np.ndarray:

@@ -95,3 +95,18 @@ def same_side_as_paper(pairs: Sequence[tuple[float, float, float | None, float |
     """How many pairs (paper's A, paper's B, this run's A, this run's B) follow the same task here as in the
     paper; pairs this run has no number for (None or NaN) are not counted."""
     return sum(1 for pa, pb, oa, ob in pairs if not (pd.isna(oa) or pd.isna(ob)) and (pb > pa) == (ob > oa))
+
+
+def control_verdict(every: float, once: float, n: int, p_value: float, alpha: float = 0.05) -> str:
+    """The every-position control against θ written once, from McNemar's exact test on the same ``n`` queries:
+    which writes more whole answers right, or no detectable difference. It names no mechanism: writing θ at a
+    generated position also replaces that token's own state there, so a difference has more than one reading."""
+    if n == 0:
+        return "No query qualifies for the control (no multi-token answer on a task the model does in context)."
+    if p_value < alpha:
+        side = "more" if every > once else "fewer"
+        return (f"Writing θ at every generated position gets {side} whole answers right than writing it once "
+                f"({every:.2f} against {once:.2f} on {n} queries, McNemar p = {p_value:.2g}).")
+    return (f"On these {n} queries there is no detectable difference between writing θ once and at every generated "
+            f"position ({once:.2f} against {every:.2f}, McNemar p = {p_value:.2g}); that is not a proof that they "
+            "are equal.")
