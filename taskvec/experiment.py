@@ -86,9 +86,10 @@ class TaskResult:
     seconds: float
     format: str = "bare"  # how the task was written: "bare" or "spaced" (PromptFormat.name)
     n_usable: int = 0  # examples usable with this tokenizer (single-token answers for exact tasks)
+    shown_outputs: list[str] = field(default_factory=list)  # answers the test prompts show as demonstrations
 
     _FIELDS = ("task", "best_layer", "dev_accuracy", "regular_acc", "hypothesis_acc", "baseline_acc", "seconds",
-               "format", "n_usable")
+               "format", "n_usable", "shown_outputs")
 
     def save(self, folder: Path) -> None:
         write_json(folder / "result.json", {k: getattr(self, k) for k in self._FIELDS})
@@ -160,6 +161,7 @@ def run_task(model: TaskModel, task: Task, protocol: Protocol, prompts: PromptSe
         regular_acc=float(acc["regular"]), hypothesis_acc=float(acc["hypothesis"]),
         baseline_acc=float(acc["baseline"]), predictions=predictions, test_vectors=test_vectors,
         seconds=time.perf_counter() - start, format=fmt.name, n_usable=n_usable,
+        shown_outputs=sorted({d.output for q in prompts.test for d in q.demonstrations}),
     )
 
 
@@ -171,7 +173,8 @@ class MainResult:
     hypothesis_acc, regular_acc, saturated, seconds). ``dev_curve``: one row per task and layer
     (task, layer, relative_depth, dev_acc, saturated). ``saturated`` marks tasks the query alone
     already does (see :func:`is_saturated`): their best layer is not evidence of where θ lives. ``predictions``: one row per scored prompt.
-    ``task_vectors``: task -> (n_test, n_layers, d_model) θ of the test prompts.
+    ``task_vectors``: task -> (n_test, n_layers, d_model) θ of the test prompts. ``shown_outputs``: task ->
+    the answers those prompts show as demonstrations.
     """
 
     accuracy: pd.DataFrame
@@ -182,6 +185,7 @@ class MainResult:
     n_layers: int
     protocol: Protocol
     meta: dict = field(default_factory=dict)
+    shown_outputs: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> pd.Series:
         """Mean accuracy over tasks per condition (the paper's Table 6 averages); skipped tasks are left out."""
@@ -234,6 +238,7 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
         raise SettingError(f"the protocol asks for {protocol.dtype} weights, {ref.name} is loaded in "
                            f"{ref.loaded.placement[1]}")
     acc_rows, curve_rows, preds, vectors, cached_tasks = [], [], [], {}, []
+    shown: dict[str, list[str]] = {}
     n_layers = None
     bar = tqdm(tasks, desc=f"main experiment ({ref.name})", unit="task", disable=not progress)
     for task in bar:
@@ -271,6 +276,7 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
                                "dev_acc": value, "saturated": saturated})
         preds.append(result.predictions)
         vectors[task.name] = result.test_vectors
+        shown[task.name] = result.shown_outputs
     meta = {"weights_sha256": ref.identity()["weights"], "cached_tasks": sorted(cached_tasks),
             "protocol": protocol.as_dict()}
     if ref.loaded is not None:
@@ -280,4 +286,5 @@ def run_main_experiment(model: TaskModel | str, tasks: Sequence[Task], protocol:
         accuracy=pd.DataFrame(acc_rows), dev_curve=pd.DataFrame(curve_rows),
         predictions=pd.concat(preds, ignore_index=True) if preds else pd.DataFrame(),
         task_vectors=vectors, model=ref.name, n_layers=n_layers or 0, protocol=protocol, meta=meta,
+        shown_outputs=shown,
     )

@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from taskvec import mechanism
 from taskvec.studies.analysis import (answer_tokens, cluster_quality, common_layer, cosine_distances, project_to_vocab,
-                              task_vector_tokens, tsne_embedding)
+                                      shared_tokens, task_vector_tokens, tsne_embedding)
 from taskvec.errors import SettingError
 from taskvec.prompts import PromptFormat
 from taskvec.tasks import Example, Task
@@ -150,12 +150,40 @@ def test_task_vector_tokens_uses_each_tasks_mean_at_its_layer(planted):
     up[:, 1] = torch.stack([KNOWN + push, KNOWN - push])
     vectors = {"up": up, "skipped": other, "empty": torch.zeros(0, N_LAYERS, D_MODEL)}
     table = task_vector_tokens(planted, vectors, {"up": 1, "skipped": -1, "empty": 2}, k=5)
-    assert list(table.columns) == ["task", "layer", "rank", "token", "logit"]
-    assert table["task"].tolist() == ["up"] * 5 and table["layer"].tolist() == [1] * 5
-    assert table["token"].tolist() == KNOWN_TOP[0]
-    assert table["logit"].tolist() == pytest.approx(KNOWN_TOP[1], abs=1e-4)
+    assert list(table.columns) == ["task", "layer", "view", "rank", "token", "logit"]
+    mean = table[table["view"] == "mean"]
+    assert mean["task"].tolist() == ["up"] * 5 and mean["layer"].tolist() == [1] * 5
+    assert mean["token"].tolist() == KNOWN_TOP[0]
+    assert mean["logit"].tolist() == pytest.approx(KNOWN_TOP[1], abs=1e-4)
+    assert (table["view"] == "centered").sum() == 5
     none = task_vector_tokens(planted, {"skipped": other}, {"skipped": -1})
-    assert none.empty and list(none.columns) == ["task", "layer", "rank", "token", "logit"]
+    assert none.empty and list(none.columns) == ["task", "layer", "view", "rank", "token", "logit"]
+
+
+def test_centered_view_removes_what_all_tasks_share(planted):
+    """Two tasks whose θ is a large shared part (q) plus a small own part (b, or k): the mean view ranks the
+    shared q first for both; the centered view (minus the mean over tasks at the same layer) ranks each one's
+    own letter first, and the shared token is no longer there."""
+    shared = _residual(Q_q=10)
+    one = torch.zeros(3, N_LAYERS, D_MODEL)
+    two = torch.zeros(3, N_LAYERS, D_MODEL)
+    one[:, 2] = shared + _residual(Q_b=2)
+    two[:, 2] = shared + _residual(Q_k=2)
+    table = task_vector_tokens(planted, {"one": one, "two": two}, {"one": 2, "two": 2}, k=2)
+    top = table.groupby(["view", "task"])["token"].apply(set)
+    assert top["mean", "one"] == top["mean", "two"] == {"q", "Q"}
+    assert top["centered", "one"] == {"b", "B"} and top["centered", "two"] == {"k", "K"}
+    common = shared_tokens(table)
+    assert set(common.loc[common["view"] == "mean", "token"]) == {"q", "Q"}
+    assert common[common["view"] == "centered"].empty
+
+
+def test_shared_tokens_need_half_the_tasks_and_at_least_two():
+    tokens = pd.DataFrame({"view": "mean", "task": ["a", "a", "b", "c", "d"], "token": ["x", "y", "x", "y", "z"]})
+    assert shared_tokens(tokens).set_index("token")["n_tasks"].to_dict() == {"x": 2, "y": 2}  # 2 of 4 tasks
+    assert shared_tokens(tokens, min_share=0.75).empty  # 3 of 4 needed: none
+    one = pd.DataFrame({"view": "mean", "task": ["a", "a"], "token": ["x", "y"]})
+    assert shared_tokens(one).empty  # one task shares nothing
 
 
 def test_the_planted_task_vector_names_the_task(planted):
@@ -167,10 +195,12 @@ def test_the_planted_task_vector_names_the_task(planted):
     prompts = [prompt("bcdfg|h|ij"), prompt("knoqb|c|dg")]
     theta = mechanism.task_vectors(planted, [p.dummy_texts(fmt) for p in prompts])
     table = task_vector_tokens(planted, {"planted_upper": theta}, {"planted_upper": 2}, k=14)
+    table = table[table["view"] == "mean"].reset_index(drop=True)
     assert set(table["token"][:12]) == set(LETTERS.upper()) and table["token"][12] == "?"
     assert table["logit"].tolist() == pytest.approx([0.5] * 12 + [0.25, 0.0], abs=1e-4)
     # After layer 1 only signal 1 is there: G0 and G1 uppercase (0.5), G2 uppercase drop to -0.5.
     table = task_vector_tokens(planted, {"planted_upper": theta}, {"planted_upper": 1}, k=8)
+    table = table[table["view"] == "mean"]
     assert set(table["token"]) == set((GROUPS[0] + GROUPS[1]).upper())
 
 
@@ -192,3 +222,10 @@ def test_answer_tokens_counts_tokens_that_start_an_answer():
     assert table.loc["capital", "answer_tokens"] == "' Paris' 'Li' 'Lim' ' Tok'"
     loose = answer_tokens(tokens, tasks, min_chars=1).set_index("task")["n_answer_tokens"]
     assert loose.to_dict() == {"upper": 2, "capital": 5}
+    # Answers the prompts showed as demonstrations are not evidence: Paris and Lima shown, Tokyo never.
+    seen = answer_tokens(tokens, tasks, shown={"capital": ["Paris", "Lima"]}).set_index("task")
+    assert seen.loc["capital", ["n_answer_tokens", "n_unshown"]].tolist() == [4, 1]
+    assert seen.loc["capital", "unshown_tokens"] == "' Tok'"
+    assert seen.loc["upper", "n_unshown"] == 1  # nothing shown for upper: every hit counts
+    by_view = answer_tokens(tokens.assign(view="mean"), tasks)
+    assert list(by_view.columns[:2]) == ["view", "task"] and set(by_view["view"]) == {"mean"}

@@ -468,9 +468,10 @@ def dominance(name: str, protocol: Protocol, pairs: Sequence[Sequence[str]], n_p
 
 def interpretation(name: str, result: MainResult, top_k: int, cache_dir: str | None = None,
                    remote: bool | str = False, cached_only: bool = False) -> pd.DataFrame | None:
-    """Top tokens of each task's mean θ at its analysis layer (cached); see :func:`analysis_layers`.
+    """Top tokens of each task's θ at its analysis layer (cached), both views of
+    :func:`taskvec.studies.analysis.task_vector_tokens`; see :func:`analysis_layers`.
 
-    Columns task, layer, rank, token, logit, saturated. With ``cached_only`` (a run shown beside
+    Columns task, layer, view, rank, token, logit, saturated. With ``cached_only`` (a run shown beside
     this one) nothing is computed: None when the tokens are not in the cache.
     """
     store, remote = store_for(cache_dir), remote_setting(remote)
@@ -562,10 +563,12 @@ def paper_peaks(seed: int = 0) -> pd.DataFrame:
     return layer_peaks(theirs, seed)
 
 
-def answer_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
-    """Per task: top tokens of θ that begin one of the task's answers (see analysis.answer_tokens)."""
+def answer_tokens(tokens: pd.DataFrame, result: MainResult | None = None) -> pd.DataFrame:
+    """Per view and task: top tokens of θ that begin one of the task's answers, and those that begin none of
+    the answers ``result``'s test prompts show as demonstrations (see analysis.answer_tokens)."""
     names = list(dict.fromkeys(tokens["task"]))
-    return analysis.answer_tokens(tokens, {t.name: t for t in load_tasks(names)})
+    shown = result.shown_outputs if result is not None else None
+    return analysis.answer_tokens(tokens, {t.name: t for t in load_tasks(names)}, shown)
 
 
 def long_answers(name: str, tasks: str | Sequence[str], protocol: Protocol, max_new_tokens: int, n_dev: int,

@@ -18,6 +18,7 @@ from sklearn.metrics import silhouette_score
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from .. import mechanism
 from ..errors import SettingError
@@ -227,40 +228,75 @@ def project_to_vocab(model: TaskModel, vector: torch.Tensor, k: int = 20) -> pd.
     return _top_tokens(model, mechanism.vocab_logits(model, vector[None, :])[0], k)
 
 
+#: What is read out per task (column ``view``): ``mean``, the mean θ of its test prompts at its layer; and
+#: ``centered``, that mean minus the mean θ over all tasks at the same layer, so a component every task
+#: shares (the one that makes most tasks' top tokens the same) does not hide what is particular to one task.
+VIEWS = ("mean", "centered")
+TOKEN_COLUMNS = ["task", "layer", "view", "rank", "token", "logit"]
+
+
 def task_vector_tokens(model: TaskModel, vectors: dict[str, torch.Tensor], layers: dict[str, int],
                        k: int = 20) -> pd.DataFrame:
-    """Per task: the top-``k`` tokens of its mean task vector at its layer. Columns task, layer, rank, token, logit.
+    """Per task and view (:data:`VIEWS`): the top-``k`` tokens of its θ at its layer. Columns as TOKEN_COLUMNS.
 
-    All tasks' vectors are read out together (one forward, one request on NDIF).
+    The mean over tasks that ``centered`` subtracts is taken at each task's own layer, over every task with
+    test vectors (those without a layer included). All rows are read out together (one request on NDIF).
     """
     kept = [(task, layers[task]) for task, tensor in vectors.items() if layers[task] >= 0 and tensor.shape[0] > 0]
     if not kept:
-        return pd.DataFrame(columns=["task", "layer", "rank", "token", "logit"])
+        return pd.DataFrame(columns=TOKEN_COLUMNS)
+    everyone = [tensor for tensor in vectors.values() if tensor.shape[0] > 0]
     means = torch.stack([vectors[task][:, layer, :].mean(dim=0) for task, layer in kept])
-    logits = mechanism.vocab_logits(model, means)
-    frames = [_top_tokens(model, row, k).assign(task=task, layer=layer) for (task, layer), row in zip(kept, logits)]
-    return pd.concat(frames, ignore_index=True)[["task", "layer", "rank", "token", "logit"]]
+    shared = torch.stack([torch.stack([t[:, layer, :].mean(dim=0) for t in everyone]).mean(dim=0) for _, layer in kept])
+    logits = mechanism.vocab_logits(model, torch.cat([means, means - shared]))
+    frames = [_top_tokens(model, row, k).assign(task=task, layer=layer, view=view)
+              for view, block in zip(VIEWS, logits.split(len(kept))) for (task, layer), row in zip(kept, block)]
+    return pd.concat(frames, ignore_index=True)[TOKEN_COLUMNS]
 
 
-def answer_tokens(tokens: pd.DataFrame, tasks: dict[str, Task], min_chars: int = 2) -> pd.DataFrame:
-    """Per task: how many of θ's top tokens start one of the task's answers (e.g. ``Europe``, ``Mus``).
-
-    ``tokens``: the output of :func:`task_vector_tokens`. A token counts when, stripped, it has at
-    least ``min_chars`` characters and some accepted answer of the task starts with it. Returns
-    task, n_top, n_answer_tokens, answer_tokens.
-    """
+def shared_tokens(tokens: pd.DataFrame, min_share: float = 0.5) -> pd.DataFrame:
+    """Per view: tokens in the top list of at least ``min_share`` of the tasks (and of at least two), with
+    the number of tasks; the sign of one component that all tasks share. Columns view, token, n_tasks, of."""
     rows = []
-    for task_name, group in tokens.groupby("task", sort=False):
+    for view, group in tokens.groupby("view", sort=False):
+        n = group["task"].nunique()
+        counts = group.drop_duplicates(["task", "token"])["token"].value_counts()
+        for token, count in counts.items():
+            if count >= max(2, min_share * n):
+                rows.append({"view": view, "token": token, "n_tasks": int(count), "of": n})
+    return pd.DataFrame(rows, columns=["view", "token", "n_tasks", "of"])
+
+
+def answer_tokens(tokens: pd.DataFrame, tasks: dict[str, Task], shown: dict[str, Sequence[str]] | None = None,
+                  min_chars: int = 2) -> pd.DataFrame:
+    """Per task (and view when given): how many of θ's top tokens start one of the task's answers (e.g.
+    ``Europe``, ``Mus``), and how many of those start none of the outputs ``shown`` as demonstrations in
+    the prompts θ was read from (an answer every prompt shows is no evidence that θ names the task).
+
+    ``tokens``: the output of :func:`task_vector_tokens`. A token counts when, stripped, it has at least
+    ``min_chars`` characters and some accepted answer of the task starts with it. Returns (view,) task,
+    n_top, n_answer_tokens, answer_tokens, n_unshown, unshown_tokens.
+    """
+    keys = ["view", "task"] if "view" in tokens else ["task"]
+    shown = shown or {}
+    rows = []
+    for key, group in tokens.groupby(keys, sort=False):
+        task_name = key[-1] if isinstance(key, tuple) else key
         answers = {out for e in tasks[task_name].examples for out in e.outputs}
+        seen = set(shown.get(task_name, ()))
         hits = [t for t in group["token"] if len(t.strip()) >= min_chars and any(a.startswith(t.strip()) for a in answers)]
-        rows.append({"task": task_name, "n_top": len(group), "n_answer_tokens": len(hits),
-                     "answer_tokens": " ".join(repr(t) for t in hits)})
-    return pd.DataFrame(rows)
+        unshown = [t for t in hits if not any(out.strip().startswith(t.strip()) for out in seen)]
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        rows.append({**row, "n_top": len(group), "n_answer_tokens": len(hits),
+                     "answer_tokens": " ".join(repr(t) for t in hits), "n_unshown": len(unshown),
+                     "unshown_tokens": " ".join(repr(t) for t in unshown)})
+    return pd.DataFrame(rows, columns=keys + ["n_top", "n_answer_tokens", "answer_tokens", "n_unshown",
+                                              "unshown_tokens"])
 
 
 @dataclass
 class TokensResult:
-    """Top tokens of each task's mean θ (rows as :func:`task_vector_tokens` returns them)."""
+    """Top tokens of each task's θ, both views (rows as :func:`task_vector_tokens` returns them)."""
 
     tokens: pd.DataFrame
 
