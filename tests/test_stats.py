@@ -129,3 +129,14 @@ def test_range_verdict_against_the_paper_range():
     assert range_verdict(0.45, 0.65, 0.3, 0.5) == "overlapping"
     assert range_verdict(0.55, 0.65, 0.3, 0.5) == "later than"
     assert range_verdict(0.1, 0.2, 0.3, 0.5) == "earlier than"
+
+
+def test_share_interval_resamples_tasks_with_their_pairs():
+    acc = pd.DataFrame({"hypothesis_acc": [0.4, 0.8, 0.6, 0.2, 0.9, 0.5], "regular_acc": [0.5, 0.9, 0.8, 0.4, 1.0, 0.6]})
+    share, lo, hi = stats.share_interval(acc, seed=0)
+    assert share == pytest.approx(acc["hypothesis_acc"].mean() / acc["regular_acc"].mean())
+    assert lo < share < hi <= 1.0  # Hypothesis below Regular on every task: no resample exceeds 1
+    # Pairs kept together: a task where both are high cannot be split from its Regular.
+    same = pd.DataFrame({"hypothesis_acc": [0.2, 0.9], "regular_acc": [0.2, 0.9]})
+    assert stats.share_interval(same)[1:] == pytest.approx((1.0, 1.0))
+    assert all(math.isnan(v) for v in stats.share_interval(acc.iloc[:0]))

@@ -72,3 +72,32 @@ def test_control_verdict_flips_with_the_test_and_names_no_mechanism():
     assert "No query qualifies" in V.control_verdict(float("nan"), float("nan"), 0, 1.0)
     for text in (V.control_verdict(0.8, 0.2, 40, 0.001), null):
         assert "cache" not in text and "because" not in text
+
+
+def test_grade_layer_flips_at_the_paper_range_and_the_middle():
+    assert V.grade_layer(0.4, 0.6, 0.3, 0.5) == "reproduced"  # overlaps
+    assert V.grade_layer(0.6, 0.7, 0.3, 0.5) == "partly"  # later, still in the middle
+    assert V.grade_layer(0.92, 1.0, 0.3, 0.5) == "not reproduced"  # at the top
+    assert V.grade_layer(0.0, 0.05, 0.3, 0.5) == "not reproduced"
+    assert V.grade_layer(float("nan"), float("nan"), 0.3, 0.5) == "no evidence"
+
+
+def test_grade_share_flips_at_the_paper_minimum_and_at_most():
+    assert V.grade_share(0.80, 0.95, 0.84, 0.91) == "reproduced"
+    assert V.grade_share(0.60, 0.83, 0.84, 0.91) == "partly"
+    assert V.grade_share(0.45, 0.83, 0.84, 0.91) == "not reproduced"
+    assert V.grade_share(float("nan"), 0.9, 0.84, 0.91) == "no evidence"
+
+
+def test_grade_clusters_needs_within_below_between_and_a_silhouette():
+    assert V.grade_clusters(0.6, 0.1, 0.3) == "reproduced"
+    assert V.grade_clusters(0.3, 0.1, 0.3) == "partly"
+    assert V.grade_clusters(0.2, 0.1, 0.3) == "not reproduced"
+    assert V.grade_clusters(0.6, 0.3, 0.3) == "not reproduced"  # no closer within a task
+
+
+def test_grade_dominance_and_tokens_count_their_cases():
+    assert [V.grade_dominance(n, 3) for n in (3, 1, 0)] == ["reproduced", "partly", "not reproduced"]
+    assert V.grade_dominance(0, 0) == "no evidence"
+    assert [V.grade_tokens(n, 18) for n in (9, 8, 0)] == ["reproduced", "partly", "not reproduced"]
+    assert V.grade_tokens(0, 0) == "no evidence"

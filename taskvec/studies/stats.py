@@ -112,6 +112,25 @@ def mean_interval(values, level: float = LEVEL, seed: int = 0) -> tuple[float, f
     return float(x.mean()), float(ci.low), float(ci.high)
 
 
+def share_interval(accuracy: pd.DataFrame, a: str = "hypothesis_acc", b: str = "regular_acc", level: float = LEVEL,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """The share mean(a) / mean(b) over tasks (how much of Regular's accuracy Hypothesis keeps) with a
+    percentile-bootstrap interval that resamples tasks, each task's pair kept together: (share, lo, hi)."""
+    pairs = accuracy[[a, b]].dropna().to_numpy(dtype=float)
+    if len(pairs) == 0 or pairs[:, 1].sum() == 0:
+        return math.nan, math.nan, math.nan
+    share = float(pairs[:, 0].mean() / pairs[:, 1].mean())
+    if len(pairs) == 1:
+        return share, share, share
+
+    def ratio(x, y, axis=-1):
+        return x.mean(axis=axis) / np.where(y.mean(axis=axis) == 0, np.nan, y.mean(axis=axis))
+
+    ci = sps.bootstrap((pairs[:, 0], pairs[:, 1]), ratio, paired=True, vectorized=True, confidence_level=level,
+                       n_resamples=RESAMPLES, method="percentile", random_state=np.random.default_rng(seed)).confidence_interval
+    return share, float(ci.low), float(ci.high)
+
+
 def paired_over_tasks(accuracy: pd.DataFrame, a: str = "hypothesis_acc", b: str = "regular_acc",
                       seed: int = 0) -> dict:
     """Condition ``a`` against ``b`` over tasks: mean per-task difference, its bootstrap interval, and

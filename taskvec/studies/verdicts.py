@@ -110,3 +110,67 @@ def control_verdict(every: float, once: float, n: int, p_value: float, alpha: fl
     return (f"On these {n} queries there is no detectable difference between writing θ once and at every generated "
             f"position ({once:.2f} against {every:.2f}, McNemar p = {p_value:.2g}); that is not a proof that they "
             "are equal.")
+
+
+# --- grades: one word per experiment and model for the book's findings table ----------------------------
+# Each takes the numbers its page reports and says whether this model reproduces the paper's claim:
+# "reproduced", "partly" or "not reproduced"; "no evidence" where the run holds nothing to judge by.
+
+GRADES = ("reproduced", "partly", "not reproduced", "no evidence")
+
+
+def grade_layer(first: float, last: float, lo: float, hi: float) -> str:
+    """Finding L: the plateau of relative depths [first, last] against the paper's [lo, hi]. Reproduced when
+    the plateau meets the paper's range; partly when it lies elsewhere but inside the network's middle
+    (strictly between 0.1 and 0.9: θ lives at an intermediate layer, not the paper's); else not reproduced."""
+    if any(pd.isna(v) for v in (first, last)):
+        return "no evidence"
+    if range_verdict(first, last, lo, hi) in ("inside", "overlapping"):
+        return "reproduced"
+    return "partly" if 0.1 < first and last < 0.9 else "not reproduced"
+
+
+def grade_share(share_lo: float, share_hi: float, paper_min: float, paper_max: float, most: float = 0.5) -> str:
+    """Accuracy: the share of Regular's accuracy that Hypothesis keeps, by its interval [share_lo, share_hi],
+    against the paper's range of shares. Reproduced when the interval reaches the paper's lowest share;
+    partly when it lies below it but above ``most`` (θ keeps most of ICL, less than the paper's models);
+    not reproduced when it reaches down to ``most`` or below."""
+    if any(pd.isna(v) for v in (share_lo, share_hi)):
+        return "no evidence"
+    if share_hi >= paper_min:
+        return "reproduced"
+    return "partly" if share_lo > most else "not reproduced"
+
+
+#: Silhouette conventions (Kaufman and Rousseeuw): above 0.5 a reasonable structure, above 0.25 a weak one.
+SILHOUETTE_CLEAR, SILHOUETTE_WEAK = 0.5, 0.25
+
+
+def grade_clusters(silhouette: float, within: float, between: float) -> str:
+    """Geometry: θ cluster by task. Reproduced when the tasks' θ are closer within a task than between tasks
+    and the silhouette by task shows a reasonable structure; partly when it shows a weak one; else not."""
+    if any(pd.isna(v) for v in (silhouette, within, between)):
+        return "no evidence"
+    if within >= between or silhouette <= SILHOUETTE_WEAK:
+        return "not reproduced"
+    return "reproduced" if silhouette > SILHOUETTE_CLEAR else "partly"
+
+
+def grade_dominance(n_follow_b: int, n_conflict: int) -> str:
+    """Dominance: of the pairs with a conflict to override (Regular does A), how many follow θ of B. All:
+    reproduced; some: partly; none: not reproduced; no such pair: no evidence."""
+    if n_conflict == 0:
+        return "no evidence"
+    if n_follow_b == n_conflict:
+        return "reproduced"
+    return "partly" if n_follow_b > 0 else "not reproduced"
+
+
+def grade_tokens(n_naming: int, n_tasks: int) -> str:
+    """Interpretation: in how many tasks θ (centered) has a top token that begins an answer no demonstration
+    showed. At least half the tasks: reproduced; some: partly; none: not reproduced."""
+    if n_tasks == 0:
+        return "no evidence"
+    if n_naming * 2 >= n_tasks:
+        return "reproduced"
+    return "partly" if n_naming > 0 else "not reproduced"
