@@ -25,7 +25,7 @@ CHART_PAGES = {"data": 1, "finding_L": 2, "accuracy": 2, "geometry": 2, "dominan
                "comparison": 1}  # charts per page; every other page has none
 SELECTION_PAGES = {"finding_L", "accuracy", "geometry"}  # a legend bound to a selection (taskvec/publishing/charts.py)
 # The root index.html is nothing but this redirect, so the browser opens book/intro.html instead.
-INDEX_REDIRECT = re.compile(r'\s*<meta http-equiv="Refresh" content="0; url=book/intro.html" />\s*')
+INDEX_REDIRECT = re.compile(r'\s*<meta http-equiv="Refresh" content="0; url=book/sections/intro.html" />\s*')
 MIN_SCREENSHOT_BYTES = 5000
 
 
@@ -84,7 +84,7 @@ def test_every_page_in_the_browser_with_a_screenshot(built, chromium):
     _, record = built
     html = Path(record["html"])
     assert INDEX_REDIRECT.fullmatch((html / "index.html").read_text()), \
-        "index.html is no longer a bare redirect to book/intro.html: open it in the browser too"
+        "index.html is no longer a bare redirect to book/sections/intro.html: open it in the browser too"
     pages = _html_pages(html)
     names = {p.relative_to(html).with_suffix("").as_posix() for p in pages}
     assert _toc_pages() | {"search", "genindex"} <= names, sorted(names)

@@ -252,7 +252,7 @@ def fake_book(tmp_path, monkeypatch, profile: dict) -> tuple[list[str], Path]:
     monkeypatch.setattr("taskvec.publishing.sections.main_results", lambda *a, **k: {})
     executed = []
 
-    def execute(notebook, output, params, key, cwd):
+    def execute(notebook, output, params, key, cwd, line=""):
         executed.append(notebook.stem)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"metadata": {"taskvec": {"key": key, "seconds": 0.0}}}))

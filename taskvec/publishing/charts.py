@@ -358,3 +358,31 @@ def contexts_curve(summary: pd.DataFrame) -> alt.Chart:
             y="accuracy:Q", tooltip=[alt.Tooltip("accuracy:Q", title="Baseline, mean over tasks", format=".2f")])
         panels.append(alt.layer(_curve(hyp, "k", f"prompts averaged into θ ({m})", log=True), rule))
     return alt.hconcat(*panels)
+
+
+def share_by_size(points: pd.DataFrame) -> alt.Chart:
+    """The share of in-context accuracy that θ keeps (Hypothesis / Regular) against parameters on a log axis:
+    the paper's models (hollow) and this run's (filled, with the interval over tasks). ``points``: model,
+    parameters, share, lo, hi (NaN for the paper's), source ("paper (Table 6)" or "this run")."""
+    sources = ["this run", "paper (Table 6)"]
+    base = alt.Chart(points).encode(
+        x=alt.X("parameters:Q", scale=alt.Scale(type="log"), title="parameters (log scale)",
+                axis=alt.Axis(format="~s", labelExpr="replace(datum.label, 'G', 'B')")),
+        y=alt.Y("share:Q", scale=alt.Scale(domain=[0, 1.2]), title="Hypothesis / Regular (share of ICL kept)",
+                axis=alt.Axis(format="%")),
+        color=alt.Color("source:N", scale=alt.Scale(domain=sources, range=["#e45756", "#4c78a8"]),
+                        legend=alt.Legend(title=None, orient="top")),
+        shape=alt.Shape("source:N", scale=alt.Scale(domain=sources, range=["circle", "square"]),
+                        legend=alt.Legend(title=None, orient="top")),
+        tooltip=["model:N", "source:N", alt.Tooltip("parameters:Q", format=".3~s"), alt.Tooltip("share:Q", format=".0%"),
+                 alt.Tooltip("lo:Q", format=".0%", title="interval from"), alt.Tooltip("hi:Q", format=".0%", title="interval to")],
+    )
+    bars = base.transform_filter("isValid(datum.lo)").mark_rule(strokeWidth=2).encode(y="lo:Q", y2="hi:Q")
+    # Filled: this run; hollow: the paper (one legend: colour, shape and fill share the field and title).
+    dots = base.mark_point(size=90, strokeWidth=2, filled=False).encode(
+        fill=alt.Fill("source:N", scale=alt.Scale(domain=sources, range=["#e45756", "white"]),
+                      legend=alt.Legend(title=None, orient="top")))
+    # Only this run's points are named: the paper's seven sit close together (their names are in the tooltip).
+    labels = base.transform_filter("datum.source == 'this run'").mark_text(align="left", dx=8, dy=-8, fontSize=11).encode(
+        text="model:N")
+    return (bars + dots + labels).properties(width="container", height=280)

@@ -34,7 +34,7 @@ from ..settings import Protocol
 from ..store import code_version, make_key
 from ..tasks import all_tasks, load_tasks
 from .schema import ProfileSpec
-from .sections import SECTIONS
+from .sections import SECTIONS, as_list
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The package whose every module a notebook may import.
@@ -135,8 +135,43 @@ def _recorded(path: Path) -> dict:
         return {}
 
 
-def execute(notebook: Path, output: Path, params: dict, key: str, cwd: Path) -> float:
-    """Run ``notebook`` with papermill into ``output`` atomically; returns seconds."""
+def parameters_line(params: dict, beside_shown: Sequence[str] = ()) -> str:
+    """One line for the page that says what a section ran with: models, protocol overrides, where it ran, the
+    runs beside it that are cached (and so shown), and the section's own settings. The injected cell itself
+    stays in the executed notebook, hidden on the page. No folder path: those belong to the build machine."""
+    shown = dict(params)
+    parts = [f"models {', '.join(as_list(shown.pop('models', [])))}"]
+    protocol = shown.pop("protocol", {}) or {}
+    parts.append("protocol: " + (", ".join(f"{k} {v}" for k, v in protocol.items()) or "defaults"))
+    where = shown.pop("remote", False)
+    parts.append("runs here" if not where else f"runs on NDIF ({'configured host' if where is True else where})")
+    if "beside" in shown:
+        shown.pop("beside")
+        parts.append("runs beside: " + (", ".join(beside_shown) or "none cached"))
+    for name in ("cache_dir", "run_log", "sections_dir"):
+        shown.pop(name, None)
+    parts += [f"{k} {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in shown.items() if v not in ("", [], {})]
+    return "*Parameters:* " + " · ".join(parts) + "."
+
+
+def _summarize_parameters(nb, line: str) -> None:
+    """Hide papermill's injected-parameters cell on the page and put ``line`` after it."""
+    import nbformat
+
+    for index, cell in enumerate(nb.cells):
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags:
+            if "remove-cell" not in tags:
+                tags.append("remove-cell")
+            note = nbformat.v4.new_markdown_cell(line, metadata={"tags": ["parameters-line"]})
+            note.id = "parameters-line"
+            nb.cells.insert(index + 1, note)
+            return
+
+
+def execute(notebook: Path, output: Path, params: dict, key: str, cwd: Path, line: str = "") -> float:
+    """Run ``notebook`` with papermill into ``output`` atomically; returns seconds. With ``line``, the injected
+    parameters are hidden on the page and summarized by it (:func:`parameters_line`)."""
     import nbformat
     import papermill
 
@@ -153,6 +188,8 @@ def execute(notebook: Path, output: Path, params: dict, key: str, cwd: Path) -> 
         seconds = time.perf_counter() - start
         nb = nbformat.read(tmp, as_version=4)
         nb.metadata["taskvec"] = {"key": key, "seconds": round(seconds, 1)}
+        if line:
+            _summarize_parameters(nb, line)
         nbformat.write(nb, tmp)
         os.replace(tmp, output)
     finally:
@@ -229,13 +266,15 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
         if notebook == "provenance":
             params = {**params, "run_log": str(log_path)}
             _write_json(log_path, record)  # what provenance reads: everything before it
+        if notebook == "intro":
+            params = {**params, "sections_dir": str(out_dir)}  # it reads the other pages' findings: always rerun
         source, output = nb_dir / f"{notebook}.ipynb", out_dir / f"{notebook}.ipynb"
         key = _notebook_key(source, params, results)
         recorded = _recorded(output)
-        if not force and notebook != "provenance" and recorded.get("key") == key:
+        if not force and notebook not in ("provenance", "intro") and recorded.get("key") == key:
             record["notebooks"][notebook] = {"seconds": recorded.get("seconds", 0.0), "cached": True}
             continue
-        seconds = execute(source, output, params, key, ROOT)
+        seconds = execute(source, output, params, key, ROOT, parameters_line(params, sorted(results["beside"])))
         record["notebooks"][notebook] = {"seconds": round(seconds, 1), "cached": False}
     record["total_seconds"] = round(time.perf_counter() - started, 1)
     _write_json(log_path, record)

@@ -202,9 +202,19 @@ class Provenance(Section, _Tasks, _Beside):
     run_log: str = Field("", description="path of the runner's run_log.json (written by python -m taskvec book)")
 
 
-#: Each section's settings, by notebook name, in reading order.
+class Intro(Section, _Tasks, _Beside):
+    notebook: ClassVar[str] = "intro"
+    sections_dir: str = Field("", description="folder of the executed sections whose findings the intro reads "
+                                              "(set by python -m taskvec book)")
+
+
+#: Each section's settings, by notebook name, in the order they run: the intro reads every other section's
+#: finding, so it runs last (the table of contents puts it first).
 SECTIONS: dict[str, type[Section]] = {cls.notebook: cls for cls in (
-    Data, FindingL, Accuracy, Geometry, Dominance, Interpretation, Beyond, Needs, Comparison, Provenance)}
+    Data, FindingL, Accuracy, Geometry, Dominance, Interpretation, Beyond, Needs, Comparison, Provenance, Intro)}
+
+#: The pages whose findings the intro's table lists, in reading order.
+FINDING_PAGES = ("finding_L", "accuracy", "geometry", "dominance", "interpretation", "beyond", "needs")
 
 
 def _literal(value) -> str:
