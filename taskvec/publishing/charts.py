@@ -229,9 +229,26 @@ def comparison_dots(table: pd.DataFrame, spans: pd.DataFrame | None = None) -> a
     return alt.layer(rules, dots).properties(width=440, height=alt.Step(26))
 
 
+#: Column names as a reader sees them (the data keep their names; only the page's header changes).
+COLUMN_LABELS = {
+    "baseline_acc": "Baseline", "hypothesis_acc": "Hypothesis", "regular_acc": "Regular",
+    "baseline_ci": "Baseline 95% CI", "hypothesis_ci": "Hypothesis 95% CI", "regular_ci": "Regular 95% CI",
+    "hypothesis_over_regular": "Hypothesis / Regular", "n_tasks": "tasks", "n_layers": "layers",
+    "peak_layer": "best layer", "peak_depth": "best depth", "peak_acc": "best mean acc",
+    "edge_acc": "mean acc at first and last layer", "plateau_first": "plateau from (depth)",
+    "plateau_last": "plateau to (depth)", "saturated_layers": "saturated tasks (layer)",
+    "flat_layers": "flat tasks (layer)", "baseline": "Baseline", "hypothesis": "Hypothesis", "regular": "Regular",
+    "first_token": "first token", "lenient": "lenient", "first_token_acc": "first token", "full_answer_acc": "whole answer",
+}
+
+#: What a table shows where it has no value (the caption says why).
+MISSING = "–"
+
+
 def table(frame: pd.DataFrame, digits: int = 2):
-    """A table for the book: no index column, floats rounded to ``digits``."""
-    return frame.style.hide(axis="index").format(precision=digits)
+    """A table for the book: no index column, floats rounded to ``digits``, readable column names
+    (:data:`COLUMN_LABELS`), and a dash where a value is missing."""
+    return frame.rename(columns=COLUMN_LABELS).style.hide(axis="index").format(precision=digits, na_rep=MISSING)
 
 
 def dominance_layers(curve: pd.DataFrame) -> alt.Chart:

@@ -196,7 +196,7 @@ class ExperimentFile(_Mapping):
     not_a_mapping: ClassVar[str] = "needs a 'profiles' mapping with at least one profile"
 
     default: Optional[StrictStr] = Field(None, description="The profile `python -m taskvec book` runs without "
-                                         "--profile; left out: the first profile.")
+                                         "`--profile`; left out: the first profile.")
     profiles: dict[StrictStr, ProfileSpec] = Field(description="The profiles by name, at least one.")
 
     @model_validator(mode="before")
