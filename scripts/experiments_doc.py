@@ -9,6 +9,7 @@ description; the protocol settings are the fields of taskvec.Protocol, with thei
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import sys
 from pathlib import Path
@@ -76,7 +77,8 @@ def table(schema: dict, defs: dict, head: str) -> str:
     required = set(schema.get("required", ()))
     for key, node in schema["properties"].items():
         default = "required" if key in required else f"`{json.dumps(node.get('default'))}`"
-        cells = [f"`{key}`", type_of(node, defs), default, node.get("description", "")]
+        # The file is YAML: Python's None is written as YAML writes it.
+        cells = [f"`{key}`", type_of(node, defs), default, re.sub(r"\bNone\b", "`null`", node.get("description", ""))]
         lines.append("| " + " | ".join(map(cell, cells)) + " |")
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ look at without a browser.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -127,6 +128,19 @@ _FIRST_LEGEND_ENTRY_JS = rf"""(i) => {{
 
 _SELECTION_CHANGED_JS = f"([i, before]) => ({_MARK_OPACITIES_JS})(i) !== before"
 
+# What a reader reads: the article's text, and each output table's width against the width it is given.
+_READER_JS = """() => {
+  const main = document.querySelector('main') || document.body;
+  const tables = [...main.querySelectorAll('.cell_output table')].map(t => ({
+    scroll: t.scrollWidth, client: t.clientWidth,
+    head: [...t.querySelectorAll('th')].slice(0, 3).map(th => th.innerText.trim()).join(' | ')}));
+  return {text: main.innerText, tables};
+}"""
+
+#: A value that did not exist, and a folder of the machine that built the book: neither belongs on a page.
+NAN_TEXT = re.compile(r"(?<![\w'])(nan|NaN|None)(?![\w'])")
+MACHINE_PATH = re.compile(r"(?<![\w.~])/(tmp|root|home|work|Users|private)/")
+
 
 @dataclass
 class PageReport:
@@ -151,6 +165,8 @@ class PageReport:
     timed_out: list[str] = field(default_factory=list)  # the waits that ran out
     screenshot: Path | None = None
     seconds: float = 0.0
+    text: str = ""  # the article's text as a reader sees it
+    wide_tables: list[str] = field(default_factory=list)  # output tables wider than the room they are given
 
     def faults(self) -> list[str]:
         """Everything wrong with the page, one line each (empty: the page is fine)."""
@@ -166,6 +182,10 @@ class PageReport:
             out.append("no tooltip with the mouse on a data mark of the first drawn chart")
         out += [f"legend selection did not change the marks ({k})" for k, ok in self.selections.items() if not ok]
         out += [f"timed out waiting for {w}" for w in self.timed_out]
+        for pattern, what in ((NAN_TEXT, "a missing value written out"), (MACHINE_PATH, "a folder of the build machine")):
+            for match in pattern.finditer(self.text):
+                out.append(f"{what}: ...{self.text[max(0, match.start() - 40):match.end() + 20]!r}")
+        out += [f"table wider than its column: {t}" for t in self.wide_tables]
         return out
 
     def summary(self) -> str:
@@ -284,6 +304,10 @@ class Browser:
                         wait()
                     except PlaywrightTimeout:
                         report.timed_out.append(what)
+            reader = page.evaluate(_READER_JS)
+            report.text = reader["text"]
+            report.wide_tables = [f"{t['head']} ({t['scroll']} px in {t['client']} px)" for t in reader["tables"]
+                                  if t["scroll"] > t["client"] + 1]
             state = page.evaluate(_CHART_STATE_JS)
             report.charts, report.rendered = state["charts"], state["rendered"]
             report.chart_errors, report.marks = state["errors"], state["marks"]

@@ -21,7 +21,7 @@ from taskvec.publishing import sections
 from taskvec.settings import Protocol
 
 ROOT = Path(__file__).parent.parent
-CHART_PAGES = {"data": 1, "finding_L": 2, "accuracy": 2, "geometry": 2, "dominance": 2, "beyond": 2, "needs": 2,
+CHART_PAGES = {"intro": 1, "data": 1, "finding_L": 2, "accuracy": 2, "geometry": 2, "dominance": 2, "beyond": 2, "needs": 2,
                "comparison": 1}  # charts per page; every other page has none
 SELECTION_PAGES = {"finding_L", "accuracy", "geometry"}  # a legend bound to a selection (taskvec/publishing/charts.py)
 # The root index.html is nothing but this redirect, so the browser opens book/intro.html instead.
@@ -90,6 +90,7 @@ def test_every_page_in_the_browser_with_a_screenshot(built, chromium):
     assert _toc_pages() | {"search", "genindex"} <= names, sorted(names)
     shots = html.parent / "screenshots"
     problems = []
+    numbers = {"Figure": [], "Table": []}  # caption numbers as the pages show them, book-wide
     for page in pages:
         rel = page.relative_to(html).with_suffix("").as_posix()
         report = chromium.render_check(page, screenshot=shots / f"{rel.replace('/', '__')}.png")
@@ -111,6 +112,12 @@ def test_every_page_in_the_browser_with_a_screenshot(built, chromium):
                 faults.append(f"screenshot {shot} is {width}x{height} px, {shot.stat().st_size} bytes "
                               f"(expected {WIDTH} px wide, over {MIN_SCREENSHOT_BYTES} bytes)")
         problems += [f"{rel}: {fault}" for fault in faults]
+        for kind, number in re.findall(r"(?m)^(Figure|Table) (\d+)\. ", report.text):
+            numbers[kind].append((int(number), rel))
+    for kind, found in numbers.items():  # one numbering for the book: 1, 2, ... each number once
+        got = sorted(n for n, _ in found)
+        if got != list(range(1, len(got) + 1)):
+            problems.append(f"{kind} numbers are not 1..{len(got)} once each: {sorted(found)}")
     print(f"{len(pages)} screenshots in {shots}")
     assert sorted(p.name for p in shots.glob("*.png")) == sorted(f"{n.replace('/', '__')}.png" for n in names)
     assert problems == [], "\n".join(problems)
