@@ -101,13 +101,16 @@ def per_task_vs_paper(intervals: pd.DataFrame, paper_tasks: pd.DataFrame) -> alt
     y = alt.Y("task:N", sort=order, title=None)
     tips = ["source:N", "model:N", "task:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f"),
             alt.Tooltip("lo:Q", title="95% CI low", format=".2f"), alt.Tooltip("hi:Q", title="95% CI high", format=".2f")]
+    # Filled circles this run, hollow squares the paper: a shape legend says so.
+    shape = alt.Shape("source:N", scale=alt.Scale(domain=["this run", "paper"], range=["circle", "square"]),
+                      legend=alt.Legend(title="source (filled: this run)", orient="top"))
     paper_marks = alt.Chart().mark_point(size=40, filled=False, strokeWidth=1.5).encode(
-        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy"), y=y, color=color,
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy"), y=y, color=color, shape=shape,
         tooltip=tips).transform_filter(alt.datum.source == "paper")
     rules = alt.Chart().mark_rule(strokeWidth=1.5).encode(x="lo:Q", x2="hi:Q", y=y, color=color).transform_filter(
         alt.datum.source == "this run")
-    dots = alt.Chart().mark_circle(size=60, opacity=1).encode(x="accuracy:Q", y=y, color=color, tooltip=tips
-                                                               ).transform_filter(alt.datum.source == "this run")
+    dots = alt.Chart().mark_point(size=60, filled=True, opacity=1).encode(
+        x="accuracy:Q", y=y, color=color, shape=shape, tooltip=tips).transform_filter(alt.datum.source == "this run")
     return alt.layer(paper_marks, rules, dots, data=data).properties(width=150, height=alt.Step(15)).facet(
         column=alt.Column("condition:N", sort=list(CONDITION_NAMES.values()), title=None))
 
@@ -212,9 +215,13 @@ def comparison_dots(table: pd.DataFrame, spans: pd.DataFrame | None = None) -> a
     order = list(dict.fromkeys(table["model"]))
     y = alt.Y("model:N", sort=order, title=None)
     color = alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values()))
+    sources = list(dict.fromkeys(["this run", *long["source"]]))
     dots = alt.Chart(long).mark_point(size=120, strokeWidth=2).encode(
         x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="mean accuracy over tasks"),
         y=y, color=color,
+        # The legend says which mark is which: filled circles this run, hollow squares the paper.
+        shape=alt.Shape("source:N", scale=alt.Scale(domain=sources, range=["circle", "square"][:len(sources)]),
+                        legend=alt.Legend(title="source (filled: this run)")),
         fill=alt.condition(alt.datum.source == "this run", alt.Color("condition:N", scale=CONDITION_COLORS),
                            alt.value("transparent")),
         tooltip=["source:N", "model:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")],
