@@ -127,7 +127,8 @@ def depth_vs_paper(curves: pd.DataFrame, paper_curves: pd.DataFrame) -> alt.Char
         y=alt.Y("dev_acc:Q", title="mean dev accuracy over tasks", scale=alt.Scale(domain=[0, 1])),
         color=alt.Color("model:N", legend=alt.Legend(title="model", orient="right")),
         strokeDash=alt.StrokeDash("source:N", sort=["this run", "paper (published results)"],
-                                  legend=alt.Legend(title="source", orient="right", symbolType="stroke")),
+                                  legend=alt.Legend(title="source", orient="right", symbolType="stroke",
+                                                    symbolStrokeColor="#333", symbolStrokeWidth=2)),
         strokeWidth=alt.condition(alt.datum.source == "this run", alt.value(3.5), alt.value(1.5)),
         tooltip=["source:N", "model:N", alt.Tooltip("relative_depth:Q", format=".2f"),
                  alt.Tooltip("dev_acc:Q", title="mean dev accuracy", format=".2f")],
@@ -145,14 +146,17 @@ def tsne_panels(panels: dict[str, pd.DataFrame]) -> alt.Chart:
     pick = alt.selection_point(fields=["task"], bind="legend")
     charts = []
     for i, (title, points) in enumerate(panels.items()):
-        points = points.assign(task=task_labels(points))
-        chart = alt.Chart(points).mark_point(filled=True, size=30).encode(
+        # The legend names each task once (a task saturated on one model only is marked in the tooltip), with
+        # twenty distinct colours, and the category shapes drawn large enough to tell apart.
+        points = points.assign(saturated=points["saturated"] if "saturated" in points else False)
+        chart = alt.Chart(points).mark_point(filled=True, size=45).encode(
             x=alt.X("x:Q", title="t-SNE 1", axis=alt.Axis(labels=False, ticks=False)),
             y=alt.Y("y:Q", title="t-SNE 2", axis=alt.Axis(labels=False, ticks=False)),
-            color=alt.Color("task:N", legend=alt.Legend(title="task (click)", columns=2, symbolLimit=40)),
-            shape=alt.Shape("category:N"),
+            color=alt.Color("task:N", scale=alt.Scale(scheme="category20"),
+                            legend=alt.Legend(title="task (click)", columns=2, symbolLimit=40)),
+            shape=alt.Shape("category:N", legend=alt.Legend(symbolSize=120, symbolFillColor="#666")),
             opacity=alt.condition(pick, alt.value(0.85), alt.value(0.08)),
-            tooltip=["task:N", "category:N"],
+            tooltip=["task:N", "category:N", "saturated:N"],
         ).properties(width=360, height=360, title=title)
         charts.append(chart.add_params(pick) if i == 0 else chart)
     return charts[0] if len(charts) == 1 else alt.vconcat(*charts)
@@ -353,7 +357,11 @@ def _curve(summary: pd.DataFrame, x: str, title: str, log: bool) -> alt.Chart:
     tasks, mean = data[data["task"] != "mean"], data[data["task"] == "mean"]
     scale = alt.Scale(type="log", base=2) if log else alt.Scale(zero=False)
     axis = alt.Axis(values=[int(v) for v in sorted(data[x].unique())], format="d")
-    color = alt.Color("condition:N", scale=CONDITION_COLORS, legend=alt.Legend(orient="top"))
+    # Only the conditions drawn are in the legend (the contexts curve draws no Regular line).
+    colors = dict(zip(LONG_COLORS.domain, LONG_COLORS.range))
+    drawn = [c for c in colors if c in set(data["condition"])]
+    color = alt.Color("condition:N", scale=alt.Scale(domain=drawn, range=[colors[c] for c in drawn]),
+                      legend=alt.Legend(orient="top"))
     thin = alt.Chart(tasks).mark_line(strokeWidth=1, opacity=0.35, point=alt.OverlayMarkDef(size=14, opacity=0.35)).encode(
         x=alt.X(f"{x}:Q", title=title, scale=scale, axis=axis),
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color=color, detail="task:N",
