@@ -343,3 +343,34 @@ def test_runs_beside_appear_once_cached_and_are_never_computed(tiny_gpt2, tmp_pa
     assert list(shown) == [str(folder)]
     pd.testing.assert_frame_equal(shown[str(folder)].accuracy, done.accuracy)
     assert sections.beside_label("EleutherAI/gpt-j-6b", True) == "EleutherAI/gpt-j-6b (NDIF)"
+
+
+def test_notebook_kernels_listen_on_private_unix_sockets_not_tcp(tmp_path):
+    """runner.execute starts each kernel over IPC in a 0700 folder: its shell, control, stdin, heartbeat and iopub
+    channels are Unix sockets no other user can open, and the kernel prints no unencrypted-TCP warning. (ipykernel
+    keeps one 127.0.0.1 TCP socket of its own: the pipe for output of forked subprocesses, which carries text
+    only and drops any message without the kernel's random 16-byte token.)"""
+    import subprocess
+    import sys
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(
+                    "import json, os, stat\nfrom ipykernel.kernelapp import IPKernelApp\napp = IPKernelApp.instance()\n"
+                    "folder = os.path.dirname(app.ip)\n"
+                    "print(json.dumps({'transport': app.transport, 'x': x, 'mode': oct(stat.S_IMODE(os.stat(folder).st_mode)),"
+                    " 'sockets': sorted(n for n in os.listdir(folder) if stat.S_ISSOCK(os.stat(os.path.join(folder, n)).st_mode))}))")]
+    source, out = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+    nbformat.write(nb, source)
+    script = (f"from pathlib import Path\nfrom taskvec.publishing import runner\n"
+              f"runner.execute(Path({str(source)!r}), Path({str(out)!r}), {{'x': 2}}, 'key', Path({str(tmp_path)!r}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "without encryption" not in done.stderr + done.stdout
+    seen = json.loads(nbformat.read(out, as_version=4).cells[-1].outputs[0]["text"])
+    assert seen["transport"] == "ipc" and seen["x"] == 2
+    assert seen["mode"] == "0o700" and len(seen["sockets"]) == 5  # shell, iopub, stdin, control, heartbeat

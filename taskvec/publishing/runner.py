@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -169,6 +170,21 @@ def _summarize_parameters(nb, line: str) -> None:
             return
 
 
+def ipc_kernel_manager(folder: str) -> type:
+    """A kernel manager whose kernel listens on Unix sockets under ``folder`` (private: mode 0700) instead of
+    TCP ports on localhost: no other user of the machine can send the kernel code while a notebook runs, and
+    the kernel does not warn about unencrypted TCP."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = os.path.join(folder, "kernel")  # the sockets are kernel-<port> files there
+
+    return IPCKernelManager
+
+
 def execute(notebook: Path, output: Path, params: dict, key: str, cwd: Path, line: str = "") -> float:
     """Run ``notebook`` with papermill into ``output`` atomically; returns seconds. With ``line``, the injected
     parameters are hidden on the page and summarized by it (:func:`parameters_line`)."""
@@ -182,9 +198,10 @@ def execute(notebook: Path, output: Path, params: dict, key: str, cwd: Path, lin
     quiet = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}  # no progress bars in the book
     saved = {k: os.environ.get(k) for k in quiet}
     os.environ.update(quiet)  # the kernel inherits this process's environment at start
+    sockets = tempfile.mkdtemp(prefix="taskvec-kernel-")  # mode 0700: only this user reaches the sockets
     try:
         papermill.execute_notebook(str(notebook), tmp, parameters=params, kernel_name="python3", cwd=str(cwd),
-                                   progress_bar=False)
+                                   progress_bar=False, kernel_manager_class=ipc_kernel_manager(sockets))
         seconds = time.perf_counter() - start
         nb = nbformat.read(tmp, as_version=4)
         nb.metadata["taskvec"] = {"key": key, "seconds": round(seconds, 1)}
@@ -200,6 +217,7 @@ def execute(notebook: Path, output: Path, params: dict, key: str, cwd: Path, lin
                 os.environ[k] = v
         if os.path.exists(tmp):
             os.remove(tmp)
+        shutil.rmtree(sockets, ignore_errors=True)
     return seconds
 
 
