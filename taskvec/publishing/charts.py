@@ -125,14 +125,14 @@ def depth_vs_paper(curves: pd.DataFrame, paper_curves: pd.DataFrame) -> alt.Char
     return alt.Chart(data).mark_line(point=alt.OverlayMarkDef(size=18)).encode(
         x=alt.X("relative_depth:Q", title="relative depth L / (layers - 1)"),
         y=alt.Y("dev_acc:Q", title="mean dev accuracy over tasks", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("model:N", legend=alt.Legend(title="model", orient="right")),
+        color=alt.Color("model:N", legend=alt.Legend(title="model", orient="bottom")),
         strokeDash=alt.StrokeDash("source:N", sort=["this run", "paper (published results)"],
-                                  legend=alt.Legend(title="source", orient="right", symbolType="stroke",
+                                  legend=alt.Legend(title="source", orient="bottom", symbolType="stroke",
                                                     symbolStrokeColor="#333", symbolStrokeWidth=2)),
         strokeWidth=alt.condition(alt.datum.source == "this run", alt.value(3.5), alt.value(1.5)),
         tooltip=["source:N", "model:N", alt.Tooltip("relative_depth:Q", format=".2f"),
                  alt.Tooltip("dev_acc:Q", title="mean dev accuracy", format=".2f")],
-    ).properties(width=460, height=240)
+    ).properties(width="container", height=240)  # fits a phone too
 
 
 def tsne_scatter(points: pd.DataFrame) -> alt.Chart:
@@ -231,13 +231,13 @@ def comparison_dots(table: pd.DataFrame, spans: pd.DataFrame | None = None) -> a
         tooltip=["source:N", "model:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")],
     )
     if spans is None or spans.empty:
-        return dots.properties(width=440, height=alt.Step(26))
+        return dots.properties(width="container", height=alt.Step(26))
     ranges = spans.assign(condition=spans["condition"].map(lambda c: CONDITION_NAMES[f"{c}_acc"]))
     rules = alt.Chart(ranges).mark_rule(strokeWidth=2).encode(
         x="lo:Q", x2="hi:Q", y=y, color=color,
         tooltip=["model:N", "condition:N", alt.Tooltip("lo:Q", title="95% CI low", format=".2f"),
                  alt.Tooltip("hi:Q", title="95% CI high", format=".2f")])
-    return alt.layer(rules, dots).properties(width=440, height=alt.Step(26))
+    return alt.layer(rules, dots).properties(width="container", height=alt.Step(26))  # fits a phone too
 
 
 #: Column names as a reader sees them (the data keep their names; only the page's header changes).
