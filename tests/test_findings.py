@@ -89,3 +89,12 @@ def test_the_injected_cell_is_hidden_and_summarized():
     assert "remove-cell" in nb.cells[2].metadata["tags"]
     assert nb.cells[3].cell_type == "markdown" and nb.cells[3].source == "*Parameters:* models x."
     assert len(nb.cells) == 5
+
+
+def test_a_token_shows_its_spaces_and_names_what_draws_nothing():
+    from taskvec.publishing.charts import show_token
+
+    assert show_token(" Paris") == "' Paris'"
+    assert show_token("\u202aab") == "'⟨U+202A⟩ab'"
+    assert show_token("\n") == "'⟨U+000A⟩'"
+    assert show_token("了承") == "'了承'"  # a real character stays itself

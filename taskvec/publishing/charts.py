@@ -418,3 +418,13 @@ def share_by_size(points: pd.DataFrame) -> alt.Chart:
     labels = base.transform_filter("datum.source == 'this run'").mark_text(align="left", dx=8, dy=-8, fontSize=11).encode(
         text="model:N")
     return (bars + dots + labels).properties(width="container", height=280)
+
+
+def show_token(token: str) -> str:
+    """A token as a table shows it: in quotes so that its spaces show, and a character that draws nothing or
+    draws as a box (a control or format character such as U+202A) written as its code point, ⟨U+202A⟩."""
+    import unicodedata
+
+    shown = "".join(f"⟨U+{ord(c):04X}⟩" if unicodedata.category(c) in ("Cc", "Cf", "Co", "Cn", "Zl", "Zp") else c
+                    for c in token)
+    return f"'{shown}'"
