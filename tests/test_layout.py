@@ -68,7 +68,7 @@ def test_every_module_lives_in_its_layer():
     assert {p.stem for p in (PACKAGE / "studies").glob("*.py")} - {"__init__"} == {
         "analysis", "context", "long_answers", "stats", "verdicts"}
     assert {p.stem for p in (PACKAGE / "publishing").glob("*.py")} - {"__init__"} == {
-        "book", "charts", "findings", "paper", "runner", "schema", "sections"}
+        "book", "charts", "findings", "numbering", "paper", "runner", "schema", "sections"}
 
 
 NOTEBOOKS = {p.stem for p in (PACKAGE.parent / "nb").glob("*.ipynb")}
