@@ -73,8 +73,33 @@ def make_key(modules: tuple[str, ...] = METHOD_MODULES, **parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+class DamagedEntryWarning(UserWarning):
+    """A cache entry failed its check (a file missing, truncated or edited): it is discarded and recomputed."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by its relative path (the DONE marker aside)."""
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "DONE"}
+
+
 class Store:
-    """Folder-per-entry cache: ``<root>/<kind>/<name>/<key[:20]>/``."""
+    """Folder-per-entry cache: ``<root>/<kind>/<name>/<key[:20]>/``.
+
+    An entry is published whole (written in a temporary folder, then renamed into place) with a ``DONE``
+    marker that records its key and the sha256 of each of its files. :meth:`has` checks them: a damaged
+    entry (a file missing, truncated or edited) is reported with its path (:class:`DamagedEntryWarning`),
+    discarded, and so computed again; it is never read as a result. Two processes that compute the same
+    entry at once both succeed: the first whole entry stays, the second discards its copy.
+    """
 
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root else cache_dir() / "results"
@@ -83,20 +108,69 @@ class Store:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         return self.root / kind / safe / key[:20]
 
+    def problem(self, folder: Path, key: str) -> str | None:
+        """What is wrong with the entry in ``folder`` for ``key``, or None when it is whole. (An entry written
+        before checksums were recorded holds only its key in DONE: it is taken as it is.)"""
+        try:
+            text = (folder / "DONE").read_text(encoding="utf-8")
+        except OSError:
+            return "no DONE marker"
+        try:
+            done = json.loads(text)
+        except ValueError:
+            done = None
+        if not isinstance(done, dict):
+            return None if text.strip() == key else "its DONE marker names another key"
+        if done.get("key") != key:
+            return "its DONE marker names another key"
+        for rel, digest in (done.get("files") or {}).items():
+            path = folder / rel
+            if not path.is_file():
+                return f"{rel} is missing"
+            if _sha256(path) != digest:
+                return f"{rel} is not the file that was written (truncated or edited)"
+        return None
+
     def has(self, kind: str, name: str, key: str) -> bool:
-        return (self.path(kind, name, key) / "DONE").exists()
+        """Whether a whole entry is there. A damaged one is reported, discarded, and counts as absent."""
+        folder = self.path(kind, name, key)
+        if not (folder / "DONE").exists():
+            return False
+        problem = self.problem(folder, key)
+        if problem is None:
+            return True
+        import warnings
+
+        warnings.warn(f"cache entry {folder} is damaged ({problem}): discarded, it is computed again",
+                      DamagedEntryWarning, stacklevel=2)
+        self._discard(folder)
+        return False
+
+    def _discard(self, folder: Path) -> None:
+        """Remove an entry without ever leaving half of it under its name: rename it away, then delete."""
+        trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=folder.parent))
+        try:
+            os.replace(folder, trash / "entry")
+        except OSError:
+            pass  # already gone (another process discarded or replaced it)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def save(self, kind: str, name: str, key: str, writer) -> Path:
-        """Call ``writer(tmp_folder)`` and atomically publish the folder under the key."""
+        """Call ``writer(tmp_folder)`` and atomically publish the folder under the key, with its checksums."""
         final = self.path(kind, name, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
         try:
             writer(tmp)
-            (tmp / "DONE").write_text(key)
-            if final.exists():  # a stale or concurrent entry: replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            (tmp / "DONE").write_text(json.dumps({"key": key, "files": _manifest(tmp)}, indent=1))
+            for _ in range(2):
+                try:
+                    os.replace(tmp, final)  # fails if another process published this entry first
+                    break
+                except OSError:
+                    if final.exists() and self.problem(final, key) is None:
+                        break  # a whole entry is there: keep it, ours is the same computation
+                    self._discard(final)  # stale or damaged: move it away, then publish ours
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
