@@ -98,3 +98,17 @@ def test_a_token_shows_its_spaces_and_names_what_draws_nothing():
     assert show_token("\u202aab") == "'⟨U+202A⟩ab'"
     assert show_token("\n") == "'⟨U+000A⟩'"
     assert show_token("了承") == "'了承'"  # a real character stays itself
+
+
+def test_by_model_gives_one_table_per_model_and_none_repeats_the_model(capsys):
+    import pandas as pd
+
+    from taskvec.publishing.charts import by_model
+
+    frame = pd.DataFrame({"model": ["a", "a", "b"], "task": ["x", "y", "x"], "hypothesis_acc": [0.5, None, 0.25]})
+    one = by_model(frame[frame["model"] == "a"])
+    html = one.to_html()
+    assert "model" not in html and "Hypothesis" in html and "–" in html  # readable name, a dash for the gap
+    assert by_model(frame) is None  # several models: each table shown in turn
+    shown = capsys.readouterr().out
+    assert shown.count("Styler") == 2 and shown.count("<IPython.core.display.HTML") == 2

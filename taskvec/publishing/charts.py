@@ -428,3 +428,18 @@ def show_token(token: str) -> str:
     shown = "".join(f"⟨U+{ord(c):04X}⟩" if unicodedata.category(c) in ("Cc", "Cf", "Co", "Cn", "Zl", "Zp") else c
                     for c in token)
     return f"'{shown}'"
+
+
+def by_model(frame: pd.DataFrame, digits: int = 2):
+    """One table per model where there are several (the model's name in bold above each), so no table
+    repeats every task once per model with the model column pushed off to one side; with one model, one
+    table without a model column (returned, to be shown as the cell's result)."""
+    from IPython.display import HTML, display
+
+    models = list(dict.fromkeys(frame["model"]))
+    if len(models) == 1:
+        return table(frame.drop(columns="model"), digits)
+    for name in models:
+        display(HTML(f"<p><b>{name}</b></p>"))
+        display(table(frame[frame["model"] == name].drop(columns="model"), digits))
+    return None
