@@ -39,6 +39,13 @@ TIMEOUT_S = float(os.environ.get("TASKVEC_NDIF_TIMEOUT", "1800"))
 POLL_S = 0.25
 POLL_MAX_S = 5.0
 
+#: Seconds a submitted job may show one unchanged status (not final) before the request is submitted again,
+#: once (``TASKVEC_NDIF_STALE`` overrides it). ndif 0.1.2 writes a job's status from three processes without
+#: ordering, so a late "PROVISIONING" can land after "COMPLETED" and stay there: a poll would then wait out
+#: the whole timeout for a job that finished in a second. Every taskvec request only reads the model, so a
+#: second submission is safe; it is made once, with a warning, and the second waits to the timeout.
+STALE_S = float(os.environ.get("TASKVEC_NDIF_STALE", "300"))
+
 T = TypeVar("T")
 
 # Which task and phase a remote request belongs to, for error messages (set by the experiment).
@@ -55,6 +62,19 @@ class RemoteRunError(TaskvecError):
 
 class RequestTimeout(Exception):
     """A submitted request gave no result within :data:`TIMEOUT_S` (raised by :func:`wait`)."""
+
+
+class StaleStatus(Exception):
+    """A submitted job showed one status, not final, for :data:`STALE_S` (raised by :func:`wait`; :func:`call`
+    submits the request again, once)."""
+
+    def __init__(self, job_id, status: str, seconds: float) -> None:
+        super().__init__(f"job {job_id} has shown status {status} for {seconds:.0f} s")
+        self.job_id, self.status, self.seconds = job_id, status, seconds
+
+
+# Set while a request is submitted the second time: its wait does not give up on a stale status again.
+_RESUBMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("taskvec_remote_resubmitted", default=False)
 
 
 def setting(value) -> bool | str:
@@ -131,23 +151,33 @@ def backend(nn_model, remote: bool | str):
 
 
 def wait(job, timeout: float | None = None, poll: float | None = None,
-         clock=time.monotonic, sleep=time.sleep) -> dict:
+         clock=time.monotonic, sleep=time.sleep, stale: float | None = None) -> dict:
     """The saved values of a submitted request (``job`` from :func:`backend`), polled until done.
 
     ``poll`` fixes the seconds between polls (default: from :data:`POLL_S`, growing to :data:`POLL_MAX_S`).
-    Raises nnsight's ``RemoteError`` when the job fails on the server, and :class:`RequestTimeout`
-    when it has not finished ``timeout`` seconds (default :data:`TIMEOUT_S`) after this call.
+    Raises nnsight's ``RemoteError`` when the job fails on the server, :class:`RequestTimeout` when it has
+    not finished ``timeout`` seconds (default :data:`TIMEOUT_S`) after this call, and :class:`StaleStatus`
+    when its status has not changed for ``stale`` seconds (default :data:`STALE_S`; never for a request
+    that is already a second submission).
     """
     limit = TIMEOUT_S if timeout is None else timeout
-    deadline = clock() + limit
+    stale_s = None if _RESUBMITTED.get() else (STALE_S if stale is None else stale)
+    start = clock()
+    deadline = start + limit
     interval = POLL_S if poll is None else poll
+    seen, since = None, start
     while True:
         result = job()
         if result is not None:
             return result
-        if clock() >= deadline:
-            status = getattr(job.status, "name", job.status) or "not yet queued"
+        now = clock()
+        status = getattr(job.status, "name", job.status) or "not yet queued"
+        if status != seen:
+            seen, since = status, now
+        if now >= deadline:
             raise RequestTimeout(f"no result within {limit:g} s (job {job.job_id}, last status {status})")
+        if stale_s is not None and now - since >= stale_s:
+            raise StaleStatus(job.job_id, status, now - since)
         sleep(interval)
         if poll is None:
             interval = min(interval * 1.5, POLL_MAX_S)
@@ -198,9 +228,24 @@ def call(fn: Callable[[], T], remote: bool | str, model: str, sleep=time.sleep) 
     if not is_remote(remote):
         return fn()
     target = host(remote)
-    for attempt in range(1, ATTEMPTS + 1):
+    attempt = 0
+    while attempt < ATTEMPTS:
+        attempt += 1
         try:
             return fn()
+        except StaleStatus as stale:
+            if _RESUBMITTED.get():  # pragma: no cover - wait() does not raise it a second time
+                raise
+            import warnings
+
+            warnings.warn(f"NDIF request to {target} (model {model}): {stale}; the server may have finished it and "
+                          "kept a stale status, so the request (it only reads) is submitted again, once",
+                          stacklevel=2)
+            token = _RESUBMITTED.set(True)
+            try:
+                return call(fn, remote, model, sleep)
+            finally:
+                _RESUBMITTED.reset(token)
         except Exception as error:  # noqa: BLE001 - classified below, re-raised with context
             transient = _transient(error)
             if transient and attempt < ATTEMPTS:

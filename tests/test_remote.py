@@ -207,3 +207,61 @@ def test_polling_backs_off_up_to_its_ceiling():
     remote.wait(_Job(12), timeout=1000, clock=lambda: now[0], sleep=sleep)
     assert waits[0] == remote.POLL_S and all(b >= a for a, b in zip(waits, waits[1:]))
     assert max(waits) == remote.POLL_MAX_S
+
+
+class _RegressingJob(_Job):
+    """ndif 0.1.2's race: the job finished, but a late status write put it back to PROVISIONING, and every
+    poll reads that status and no result, forever."""
+
+    def __init__(self, statuses):
+        super().__init__(10 ** 9)
+        self.statuses = list(statuses)
+
+    def __call__(self):
+        self.status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return None
+
+
+def test_a_status_that_stops_changing_is_reported_as_stale():
+    now = [0.0]
+    clock, sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
+    job = _RegressingJob(["QUEUED", "RUNNING", "COMPLETED", "PROVISIONING"])
+    with pytest.raises(remote.StaleStatus, match="job j1 has shown status PROVISIONING for 10 s"):
+        remote.wait(job, timeout=1000, poll=1, clock=clock, sleep=sleep, stale=10)
+    assert now[0] == 13  # three status changes, then ten seconds of the same one
+    # A job that keeps moving is never stale, however long it takes.
+    now[0] = 0.0
+
+    class Moving(_Job):
+        def __call__(self):
+            self.status = "QUEUED" if self.left % 2 else "RUNNING"
+            return super().__call__()
+
+    assert remote.wait(Moving(60), timeout=1000, poll=1, clock=clock, sleep=sleep, stale=10) == {"values": [1]}
+    assert now[0] == 59
+
+
+def test_a_stale_request_is_submitted_again_once_and_said(monkeypatch):
+    from nnsight import CONFIG
+
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    now = [0.0]
+    clock, sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
+    submitted = []
+
+    def request(jobs):
+        def fn():
+            job = jobs[len(submitted)]
+            submitted.append(job)
+            return remote.wait(job, timeout=100, poll=1, clock=clock, sleep=sleep, stale=10)
+        return fn
+
+    with pytest.warns(UserWarning, match=r"has shown status PROVISIONING .* submitted again, once"):
+        got = remote.call(request([_RegressingJob(["PROVISIONING"]), _Job(3)]), "http://h:1", "m", sleep=sleep)
+    assert got == {"values": [1]} and len(submitted) == 2
+    # Stuck again: the second submission waits to its timeout (no third), and the failure says so.
+    submitted.clear()
+    with pytest.warns(UserWarning), pytest.raises(remote.RemoteRunError, match="timed out"):
+        remote.call(request([_RegressingJob(["PROVISIONING"]), _RegressingJob(["PROVISIONING"])]), "http://h:1", "m",
+                    sleep=sleep)
+    assert len(submitted) == 2
