@@ -210,3 +210,26 @@ def test_a_sweep_larger_than_a_request_is_split_and_still_equals_local(ndif_serv
     assert entry["requests"] >= 4 and entry["rows"] == 60 + 60 * far.n_layers  # each prefix once, a row per layer
     want = mechanism.patched_next_tokens(real_model, texts, vectors, range(real_model.n_layers))
     assert got.tolist() == want.tolist()
+
+
+def test_a_server_that_refuses_this_client_version_stops_the_run_in_one_line(served, ndif_server, monkeypatch):
+    """ndif's API answers 400 when NDIF_MIN_NNSIGHT_VERSION is above the client's nnsight: the first request
+    fails with one line that names the host, both versions and what to do, and is not retried."""
+    import nnsight
+
+    far, _ = served
+    ndif_server.stop()
+    monkeypatch.setenv("NDIF_MIN_NNSIGHT_VERSION", "99.0")  # the stack passes NDIF_MIN_* to its processes
+    try:
+        ndif_server.start(deploy=False)  # the gate sits in front of every model: nothing needs deploying
+        with pytest.raises(remote.RemoteRunError) as info:
+            mechanism.next_tokens(far, TEXTS)
+        message = str(info.value)
+        for part in (ndif_server.host, nnsight.__version__, "99.0", "pip install --upgrade nnsight"):
+            assert part in message, (part, message)
+        assert "\n" not in message and "attempts" not in message  # one line; a refusal is not retried
+    finally:
+        monkeypatch.delenv("NDIF_MIN_NNSIGHT_VERSION")
+        ndif_server.stop()
+        ndif_server.start()
+    assert mechanism.next_tokens(far, TEXTS).tolist() == mechanism.next_tokens(served[1], TEXTS).tolist()

@@ -89,8 +89,9 @@ class Stack:
         """The environment of every process of the stack."""
         ports, d = state["ports"], self.dir
         resources = {"GPU": 1, "CPU": 4, "cuda_memory_bytes": FAKE_GPU_BYTES}
+        # NDIF_MIN_*: the API's client-version gate (ndif's versioning), set by whoever starts the stack.
         keep = {k: v for k, v in os.environ.items()
-                if k in ("LANG", "LC_ALL", "TERM", "USER", "LOGNAME", "SHELL", "TZ")}
+                if k in ("LANG", "LC_ALL", "TERM", "USER", "LOGNAME", "SHELL", "TZ") or k.startswith("NDIF_MIN_")}
         return {
             **keep,
             STACK_TAG: state["tag"],
