@@ -70,6 +70,7 @@ def _model_and_loader(ns: argparse.Namespace, store):
 
     if remote.is_remote(ns.remote):
         remote.check_setup(ns.remote, ns.model)
+    remote.check_access(ns.model)
 
     def loader(name: str):
         return load_model(name, remote=ns.remote)

@@ -127,6 +127,43 @@ def check_setup(remote: bool | str, model: str) -> str:
     return target
 
 
+class GatedModelError(RemoteSetupError):
+    """A hub model whose licence the user's account has not accepted (or no token was given)."""
+
+
+def check_access(model: str, auth_check=None) -> None:
+    """Fail in one line, before any request, when ``model`` is a gated hub repository this machine may not
+    read: its config and tokenizer are read here even when it runs on NDIF. Only a gated answer is turned
+    into this error; anything else (no network, a typo) is left to the loader, which names it."""
+    import re
+
+    if not re.match(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", model) or os.path.isdir(os.path.expanduser(model)):
+        return  # not a hub id: an embedded model or a local folder
+    from huggingface_hub.errors import GatedRepoError
+
+    if auth_check is None:
+        from huggingface_hub import auth_check
+    try:
+        auth_check(model)
+    except GatedRepoError:
+        token = "a token is set (HF_TOKEN or hf auth login) but its account" if _hf_token() else "no hub token is set, and"
+        raise GatedModelError(
+            f"model {model!r} is gated on the Hugging Face hub and {token} has not been granted access: accept its "
+            f"licence at https://huggingface.co/{model} and set HF_TOKEN to a token of that account "
+            "(its config and tokenizer are read on this machine even for a remote run)") from None
+    except Exception:  # noqa: BLE001 - offline, unknown id, rate limit: the loader reports those by name
+        return
+
+
+def _hf_token() -> str | None:
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def ship_code() -> None:
     """Send taskvec's source with each request (the server has no taskvec to import)."""
     import nnsight

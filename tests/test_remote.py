@@ -265,3 +265,51 @@ def test_a_stale_request_is_submitted_again_once_and_said(monkeypatch):
         remote.call(request([_RegressingJob(["PROVISIONING"]), _RegressingJob(["PROVISIONING"])]), "http://h:1", "m",
                     sleep=sleep)
     assert len(submitted) == 2
+
+
+def _gated(repo_id):
+    import httpx
+    from huggingface_hub.errors import GatedRepoError
+
+    url = f"https://huggingface.co/api/models/{repo_id}/auth-check"
+    raise GatedRepoError(f"Access to model {repo_id} is restricted.", response=httpx.Response(
+        403, request=httpx.Request("GET", url)))
+
+
+def test_a_gated_hub_model_is_one_line_before_any_request(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(remote.GatedModelError) as info:
+        remote.check_access("meta-llama/Llama-3.1-8B", auth_check=_gated)
+    message = str(info.value)
+    for part in ("'meta-llama/Llama-3.1-8B' is gated", "no hub token is set", "HF_TOKEN",
+                 "https://huggingface.co/meta-llama/Llama-3.1-8B", "even for a remote run"):
+        assert part in message, (part, message)
+    assert "\n" not in message
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_x")
+    with pytest.raises(remote.GatedModelError, match="a token is set .* has not been granted access"):
+        remote.check_access("meta-llama/Llama-3.1-8B", auth_check=_gated)
+
+
+def test_access_checks_only_hub_ids_and_only_a_gated_answer(tmp_path):
+    calls = []
+    remote.check_access("gemma-3-270m", auth_check=calls.append)  # embedded: nothing asked
+    remote.check_access(str(tmp_path), auth_check=calls.append)  # a local folder: nothing asked
+    assert calls == []
+
+    def offline(repo_id):
+        raise OSError("no network")
+
+    remote.check_access("owner/model", auth_check=offline)  # left to the loader, which names it
+
+
+def test_the_book_stops_on_a_gated_model_before_any_compute(monkeypatch, tmp_path):
+    from taskvec.publishing import runner
+
+    monkeypatch.setattr("huggingface_hub.auth_check", _gated)
+    profile = tmp_path / "experiments.yaml"
+    profile.write_text("profiles:\n  gated:\n    models: [meta-llama/Llama-3.1-8B]\n    remote: http://127.0.0.1:9\n")
+    monkeypatch.setattr("taskvec.publishing.sections.main_results",
+                        lambda *a, **k: pytest.fail("computed before the access check"))
+    with pytest.raises(remote.GatedModelError, match="is gated on the Hugging Face hub"):
+        runner.run("gated", experiments=profile, book_root=tmp_path, build=False, log=lambda *_: None)

@@ -251,6 +251,7 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
         resolve_source(model)
         if remote.is_remote(profile.remote):
             remote.check_setup(profile.remote, model)  # no key for the public host: fail before any compute
+        remote.check_access(model)  # a gated hub model this machine may not read: one line, before any compute
     notebooks = list(only or NOTEBOOKS)
     bad = set(notebooks) - set(NOTEBOOKS)
     if bad:
