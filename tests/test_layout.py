@@ -104,3 +104,17 @@ def test_the_coupling_rule_catches_checks_keyed_by_notebook():
     assert notebook_coupling('CHECKS = {"beyond": f, "needs": g}')
     assert notebook_coupling('path = "nb/accuracy.ipynb"')
     assert not notebook_coupling('columns = {"accuracy": 1, "n": 2}')
+
+
+def test_the_readme_fault_table_names_tests_that_exist():
+    """README's "When something goes wrong" table is written from the tests: each test it names exists."""
+    import re
+
+    root = PACKAGE.parent
+    text = (root / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## When something goes wrong"):text.index("## Glossary")]
+    names, current = re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)`", section), None
+    assert len(names) >= 15
+    for file, test in names:
+        current = file or current
+        assert f"def {test}(" in (root / "tests" / current).read_text(encoding="utf-8"), f"{current}::{test}"
