@@ -134,7 +134,10 @@ _READER_JS = """() => {
   const tables = [...main.querySelectorAll('.cell_output table')].map(t => ({
     scroll: t.scrollWidth, client: t.clientWidth,
     head: [...t.querySelectorAll('th')].slice(0, 3).map(th => th.innerText.trim()).join(' | ')}));
-  return {text: main.innerText, tables};
+  const charts = [...document.querySelectorAll('.vega-embed')].filter(e => !e.parentElement.closest('.vega-embed'))
+    .map(e => { const r = (e.querySelector('svg.marks, canvas.marks') || e).getBoundingClientRect();
+                return {left: Math.round(r.left), right: Math.round(r.right), width: Math.round(r.width)}; });
+  return {text: main.innerText, tables, charts, viewport: window.innerWidth};
 }"""
 
 #: A value that did not exist, and a folder of the machine that built the book: neither belongs on a page.
@@ -167,6 +170,8 @@ class PageReport:
     seconds: float = 0.0
     text: str = ""  # the article's text as a reader sees it
     wide_tables: list[str] = field(default_factory=list)  # output tables wider than the room they are given
+    wide_charts: list[str] = field(default_factory=list)  # charts that reach past the viewport's right edge
+    viewport: int = 0
 
     def faults(self) -> list[str]:
         """Everything wrong with the page, one line each (empty: the page is fine)."""
@@ -186,6 +191,7 @@ class PageReport:
             for match in pattern.finditer(self.text):
                 out.append(f"{what}: ...{self.text[max(0, match.start() - 40):match.end() + 20]!r}")
         out += [f"table wider than its column: {t}" for t in self.wide_tables]
+        out += [f"chart wider than the {self.viewport} px viewport: {c}" for c in self.wide_charts]
         return out
 
     def summary(self) -> str:
@@ -247,7 +253,7 @@ class Browser:
         return self._browser
 
     def render_check(self, html_file: Path, screenshot: Path | None = None, timeout_s: float = 60,
-                     tooltip: bool = True, selections: bool = True) -> PageReport:
+                     tooltip: bool = True, selections: bool = True, width: int = WIDTH) -> PageReport:
         """Open ``html_file`` and report what a reader would see (see the module's docstring).
 
         ``screenshot``: where to save a full-page PNG, 1280 px wide (taken once the charts are drawn,
@@ -282,7 +288,7 @@ class Browser:
             report.aborted.append(ws.url)
             ws.close(code=1008, reason="outside the book")
 
-        context = self._launch().new_context(viewport={"width": WIDTH, "height": HEIGHT}, service_workers="block")
+        context = self._launch().new_context(viewport={"width": width, "height": HEIGHT}, service_workers="block")
         try:
             context.route("**/*", on_route)
             context.route_web_socket(lambda url: True, on_websocket)
@@ -306,8 +312,11 @@ class Browser:
                         report.timed_out.append(what)
             reader = page.evaluate(_READER_JS)
             report.text = reader["text"]
+            report.viewport = reader["viewport"]
             report.wide_tables = [f"{t['head']} ({t['scroll']} px in {t['client']} px)" for t in reader["tables"]
-                                  if t["scroll"] > t["client"] + 1]
+                                  if t["scroll"] > t["client"] + 1 and width >= WIDTH]  # a phone scrolls a table
+            report.wide_charts = [f"chart {i}: {c['width']} px, right edge at {c['right']} px"
+                                  for i, c in enumerate(reader["charts"]) if c["left"] < 0 or c["right"] > reader["viewport"] + 1]
             state = page.evaluate(_CHART_STATE_JS)
             report.charts, report.rendered = state["charts"], state["rendered"]
             report.chart_errors, report.marks = state["errors"], state["marks"]

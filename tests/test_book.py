@@ -27,6 +27,7 @@ SELECTION_PAGES = {"finding_L", "accuracy", "geometry"}  # a legend bound to a s
 # The root index.html is nothing but this redirect, so the browser opens book/intro.html instead.
 INDEX_REDIRECT = re.compile(r'\s*<meta http-equiv="Refresh" content="0; url=book/sections/intro.html" />\s*')
 MIN_SCREENSHOT_BYTES = 5000
+PHONE = 390  # px: the width a phone gives the page
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,11 @@ def test_every_page_in_the_browser_with_a_screenshot(built, chromium):
         problems += [f"{rel}: {fault}" for fault in faults]
         for kind, number in re.findall(r"(?m)^(Figure|Table) (\d+)\. ", report.text):
             numbers[kind].append((int(number), rel))
+    for stem in CHART_PAGES:  # on a phone, every chart fits the screen (scaled down, not cut)
+        page = next(p for p in pages if p.stem == stem)
+        report = chromium.render_check(page, tooltip=False, selections=False, width=PHONE)
+        problems += [f"{page.relative_to(html).with_suffix('').as_posix()} at {PHONE} px: {fault}"
+                     for fault in report.faults()]
     for kind, found in numbers.items():  # one numbering for the book: 1, 2, ... each number once
         got = sorted(n for n, _ in found)
         if got != list(range(1, len(got) + 1)):

@@ -218,14 +218,16 @@ def comparison_dots(table: pd.DataFrame, spans: pd.DataFrame | None = None) -> a
     long["condition"] = long["condition"].map(CONDITION_NAMES)
     order = list(dict.fromkeys(table["model"]))
     y = alt.Y("model:N", sort=order, title=None)
-    color = alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values()))
+    # Legends below the plot: a container-wide chart keeps its whole width for the points on a phone.
+    color = alt.Color("condition:N", scale=CONDITION_COLORS, sort=list(CONDITION_NAMES.values()),
+                      legend=alt.Legend(orient="bottom"))
     sources = list(dict.fromkeys(["this run", *long["source"]]))
     dots = alt.Chart(long).mark_point(size=120, strokeWidth=2).encode(
         x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="mean accuracy over tasks"),
         y=y, color=color,
         # The legend says which mark is which: filled circles this run, hollow squares the paper.
         shape=alt.Shape("source:N", scale=alt.Scale(domain=sources, range=["circle", "square"][:len(sources)]),
-                        legend=alt.Legend(title="source (filled: this run)")),
+                        legend=alt.Legend(title="source (filled: this run)", orient="bottom")),
         fill=alt.condition(alt.datum.source == "this run", alt.Color("condition:N", scale=CONDITION_COLORS),
                            alt.value("transparent")),
         tooltip=["source:N", "model:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")],
