@@ -111,8 +111,10 @@ def per_task_vs_paper(intervals: pd.DataFrame, paper_tasks: pd.DataFrame) -> alt
         alt.datum.source == "this run")
     dots = alt.Chart().mark_point(size=60, filled=True, opacity=1).encode(
         x="accuracy:Q", y=y, color=color, shape=shape, tooltip=tips).transform_filter(alt.datum.source == "this run")
-    return alt.layer(paper_marks, rules, dots, data=data).properties(width=150, height=alt.Step(15)).facet(
-        column=alt.Column("condition:N", sort=list(CONDITION_NAMES.values()), title=None))
+    # Three panels across the text column (960 px at 1280), labels at a readable size.
+    return alt.layer(paper_marks, rules, dots, data=data).properties(width=220, height=alt.Step(16)).facet(
+        column=alt.Column("condition:N", sort=list(CONDITION_NAMES.values()), title=None)
+    ).configure_axis(labelFontSize=11, titleFontSize=12).configure_legend(labelFontSize=11)
 
 
 def depth_vs_paper(curves: pd.DataFrame, paper_curves: pd.DataFrame) -> alt.Chart:
