@@ -137,7 +137,13 @@ _READER_JS = """() => {
   const charts = [...document.querySelectorAll('.vega-embed')].filter(e => !e.parentElement.closest('.vega-embed'))
     .map(e => { const r = (e.querySelector('svg.marks, canvas.marks') || e).getBoundingClientRect();
                 return {left: Math.round(r.left), right: Math.round(r.right), width: Math.round(r.width)}; });
-  return {text: main.innerText, tables, charts, viewport: window.innerWidth};
+  // A legend entry whose swatch draws nothing (no fill, no stroke, or fully transparent) explains no mark.
+  const blank = [...document.querySelectorAll('g[class*="_legend_symbols"] path')].filter(p => {
+      const cs = getComputedStyle(p);
+      const paints = [cs.fill, cs.stroke].some(v => v && v !== 'none' && v !== 'transparent' && !/rgba\(.*,\s*0\)$/.test(v));
+      return !paints || parseFloat(cs.opacity || '1') === 0;
+    }).map(p => ((p.closest('g[class*="_legend_symbols"]') || {}).parentElement || {}).textContent || '?').slice(0, 20);
+  return {text: main.innerText, tables, charts, viewport: window.innerWidth, blank};
 }"""
 
 #: A value that did not exist, and a folder of the machine that built the book: neither belongs on a page.
@@ -172,6 +178,7 @@ class PageReport:
     wide_tables: list[str] = field(default_factory=list)  # output tables wider than the room they are given
     wide_charts: list[str] = field(default_factory=list)  # charts that reach past the viewport's right edge
     viewport: int = 0
+    blank_legend: list[str] = field(default_factory=list)  # legend entries whose swatch draws nothing
 
     def faults(self) -> list[str]:
         """Everything wrong with the page, one line each (empty: the page is fine)."""
@@ -192,6 +199,7 @@ class PageReport:
                 out.append(f"{what}: ...{self.text[max(0, match.start() - 40):match.end() + 20]!r}")
         out += [f"table wider than its column: {t}" for t in self.wide_tables]
         out += [f"chart wider than the {self.viewport} px viewport: {c}" for c in self.wide_charts]
+        out += [f"legend entry without a swatch: {t!r}" for t in self.blank_legend]
         return out
 
     def summary(self) -> str:
@@ -313,6 +321,7 @@ class Browser:
             reader = page.evaluate(_READER_JS)
             report.text = reader["text"]
             report.viewport = reader["viewport"]
+            report.blank_legend = reader["blank"]
             report.wide_tables = [f"{t['head']} ({t['scroll']} px in {t['client']} px)" for t in reader["tables"]
                                   if t["scroll"] > t["client"] + 1 and width >= WIDTH]  # a phone scrolls a table
             report.wide_charts = [f"chart {i}: {c['width']} px, right edge at {c['right']} px"

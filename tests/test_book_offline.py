@@ -275,3 +275,27 @@ def test_ensure_chromium_fails_on_ci_when_it_cannot_install(tmp_path):
         assert run.returncode == rc, (ci, run.stdout, run.stderr)
         assert missing in run.stdout + run.stderr, (ci, run.stdout, run.stderr)
         assert ("error:" in run.stderr) == (rc == 1), (ci, run.stdout, run.stderr)
+
+
+def test_render_check_reports_what_a_reader_should_never_see(built, chromium, tmp_path):
+    """Planted on a copy of the chart page: a written-out NaN, a folder of the build machine, a table wider than
+    its column, legend swatches that draw nothing, and (at 390 px) a chart drawn wider than the screen."""
+    html, _ = built
+    site = tmp_path / "html"
+    shutil.copytree(html, site)
+    page = site / "book" / "sections" / "chart.html"
+    text = page.read_text()
+    planted = ('<style>g[class*="_legend_symbols"] path { fill: none !important; stroke: none !important; }\n'
+               '.vega-embed svg.marks { max-width: none !important; width: 900px !important; }</style>\n')
+    text = text.replace("</head>", planted + "</head>", 1)
+    body = ('<p>mean accuracy nan, read from /tmp/build-42/run_log.json</p><div class="cell_output">'
+            '<table style="display: block; overflow-x: auto; max-width: 100%"><tr><td style="white-space: nowrap">'
+            + "0.88 [0.53, 0.98] " * 80 + "</td></tr></table></div>")
+    text = text.replace('<div id="altair-viz-', body + '<div id="altair-viz-', 1)
+    page.write_text(text)
+    faults = "\n".join(chromium.render_check(page, timeout_s=30, tooltip=False, selections=False).faults())
+    for expected in ["a missing value written out", "mean accuracy nan, read from", "a folder of the build machine",
+                     "table wider than its column", "legend entry without a swatch"]:
+        assert expected in faults, f"{expected!r} not reported:\n{faults}"
+    phone = "\n".join(chromium.render_check(page, timeout_s=30, tooltip=False, selections=False, width=390).faults())
+    assert "chart wider than the 390 px viewport" in phone, phone
