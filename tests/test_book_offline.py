@@ -286,7 +286,7 @@ def test_render_check_reports_what_a_reader_should_never_see(built, chromium, tm
     page = site / "book" / "sections" / "chart.html"
     text = page.read_text()
     planted = ('<style>g[class*="_legend_symbols"] path { fill: none !important; stroke: none !important; }\n'
-               '.vega-embed svg.marks { max-width: none !important; width: 900px !important; }</style>\n')
+               'html body .cell_output .vega-embed svg.marks.marks { max-width: none !important; width: 900px !important; }</style>\n')
     text = text.replace("</head>", planted + "</head>", 1)
     body = ('<p>mean accuracy nan, read from /tmp/build-42/run_log.json</p><div class="cell_output">'
             '<table style="display: block; overflow-x: auto; max-width: 100%"><tr><td style="white-space: nowrap">'
