@@ -87,3 +87,35 @@ def test_tiny_is_conftest_tiny_llama(ndif_server, tiny_client):
     with tiny_client.trace(PROMPT, remote=ndif_server.host):
         served = tiny_client.lm_head.output.save()
     torch.testing.assert_close(served, expected, atol=1e-5, rtol=0)
+
+
+def test_nothing_of_the_stack_can_be_reached_from_outside_this_machine(ndif_server):
+    """Ray binds services on every interface whatever its flags say: the stack runs in a network namespace
+    whose only interface is loopback, and only a bridge listens here, on 127.0.0.1. Checked two ways: the
+    harness's own check over the stack's whole process tree, and `ss -ltnp` of this machine's namespace."""
+    import ipaddress
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from ndif_local import netns
+    from ndif_local.stack import Stack
+
+    stack = Stack(ndif_server.dir)
+    processes = stack.processes()
+    assert len(processes) > 5  # redis, moto, Ray's daemons, the controller's actors, the API, the bridge
+    assert netns.exposure(processes) == []
+    ours = netns.namespace_of()
+    inside = [p for p in processes if netns.namespace_of(p.pid) not in (ours, "")]
+    assert len(inside) > 5 and {netns.namespace_of(p.pid) for p in inside} == {netns.namespace_of(inside[0].pid)}
+    assert netns.interfaces(inside[0].pid) == ["lo"]  # Ray and the rest see loopback only
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    pids = {p.pid for p in processes}
+    mine = [line for line in listening if any(f"pid={pid}," in line for pid in pids)]
+    assert mine, "the bridge listens here"
+    for line in mine:  # whatever of the stack listens in this machine's namespace, listens on loopback
+        address = line.split()[3].rsplit(":", 1)[0].strip("[]")
+        assert ipaddress.ip_address(address.split("%")[0]).is_loopback, line
+    assert re.search(r"127\.0\.0\.1:%d\b" % int(ndif_server.host.rsplit(":", 1)[1]), "\n".join(mine))

@@ -50,8 +50,12 @@ The workarounds the server needs here are settings only; no file of ndif, nnsigh
 * gunicorn writes a control socket into the home folder, Ray into /tmp/ray, the ndif CLI into ~/.ndif:
   HOME, TMPDIR, NDIF_HOME and Ray's temp dir all point into RUNDIR, and gunicorn runs without the socket;
 * every port is chosen free at start (or given; a restart in the same RUNDIR keeps its ports), so the
-  stack does not clash with another one; the API, redis and moto listen on 127.0.0.1 only (Ray binds
-  some of its ports on every interface);
+  stack does not clash with another one;
+* Ray binds several of its services on every interface whatever its flags say, and they have no
+  authentication: as root, the stack runs in a network namespace of its own whose only interface is
+  loopback, and a bridge relays the API, object-store and redis ports from this machine's 127.0.0.1
+  (netns.py). ``start`` refuses to report the stack started while any of its processes can be reached
+  from outside (without root: it stops, saying why);
 * redis runs without persistence (``--save ""``), so it writes no dump file;
 * never ``ray stop`` (nor ``ndif stop ray``, which runs ``ray stop --force``): it kills every Ray process
   on the host by name. ``stop`` ends this stack's processes by PID.

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import procs
+from . import netns, procs
 from .common import HarnessError, log, sha16, tail_file
 from .install import installed_venvs
 from .stack import CPU_ACTOR_CLASS, Stack
@@ -88,8 +88,10 @@ def cmd_deploy(args) -> None:
     start = time.time()
     timeout = args.timeout * len(keys)
     logfile = stack.logs / "deploy.log"
-    proc = procs.spawn([str(server.bin / "ndif"), "deploy", "-f", str(spec)], stack.env(state, server, s3),
-                       stack.dir, logfile)
+    command = [str(server.bin / "ndif"), "deploy", "-f", str(spec)]
+    if state.get("netns"):  # it talks to Ray, inside the stack's own network
+        command = netns.enter(state["netns"]) + command
+    proc = procs.spawn(command, stack.env(state, server, s3), stack.dir, logfile)
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -8,6 +8,8 @@ import os
 import random
 import shlex
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import psutil
 
 from . import procs
 from .common import HarnessError, log, tail_file
+from . import netns
 from .install import Venv, find_redis, installed_venvs
 
 CPU_ACTOR_MODULE = "taskvec_ndif_cpu_actor"  # cpu_actor.py, under this name in RUNDIR/shim
@@ -137,9 +140,12 @@ class Stack:
 
     # ---------------------------------------------------------------- processes
 
-    def spawn(self, state: dict, name: str, command: list[str], env: dict):
+    def spawn(self, state: dict, name: str, command: list[str], env: dict, inside: bool = True):
         """Start ``command`` in its own session (procs.spawn), output to RUNDIR/logs/NAME.log; record its
-        session, which is how ``stop`` finds it and everything it starts."""
+        session, which is how ``stop`` finds it and everything it starts. ``inside``: in the stack's network
+        namespace when it has one (netns.py); the holder of that namespace and the bridge are not."""
+        if inside and state.get("netns"):
+            command = netns.enter(state["netns"]) + list(command)
         proc = procs.spawn(command, env, self.dir, self.logs / f"{name}.log")
         self.pids.mkdir(parents=True, exist_ok=True)
         (self.pids / f"{name}.pid").write_text(f"{proc.pid}\n")
@@ -162,6 +168,16 @@ class Stack:
 
     def kill_all(self, state: dict, grace: float = 5.0) -> tuple[int, list[str]]:
         return procs.stop(lambda: self.processes(state), grace)
+
+    def port_open(self, state: dict, port: int) -> bool:
+        """Whether a service of the stack answers at ``port`` (inside its namespace when it has one: the
+        bridge would answer on its behalf before it is up)."""
+        if not state.get("netns"):
+            return procs.port_open(port)
+        probe = ("import socket, sys; s = socket.socket(); s.settimeout(1); "
+                 f"sys.exit(s.connect_ex(('127.0.0.1', {int(port)})))")
+        return subprocess.run(netns.enter(state["netns"]) + [sys.executable, "-c", probe],
+                              capture_output=True).returncode == 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,15 +221,25 @@ def cmd_start(args) -> None:
     env = stack.env(state, server, s3)
     timings = {}
     try:
+        if os.environ.get("TASKVEC_NDIF_NETNS", "1") != "0" and netns.available():
+            # Its own network, loopback only (netns.py); clients reach the API, the object store and redis
+            # through a bridge on this machine's 127.0.0.1.
+            holder = stack.spawn(state, "netns", netns.holder_command(), env, inside=False)
+            netns.wait_for_namespace(holder.pid)
+            netns.bring_up(holder.pid)
+            state["netns"] = holder.pid
+            stack.write(state)
+            stack.spawn(state, "bridge", [sys.executable, str(Path(__file__).with_name("netns.py")), str(holder.pid),
+                                          str(ports["api"]), str(ports["s3"]), str(ports["redis"])], env, inside=False)
         t = time.time()
         moto = stack.spawn(state, "s3", [str(s3.bin / "moto_server"), "-H", "127.0.0.1", "-p", str(ports["s3"])],
                            env)
         redis_proc = stack.spawn(state, "redis", [
             redis, "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--dir", str(stack.dir / "redis"),
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", ""], env)
-        procs.wait_until(lambda: procs.port_open(ports["redis"]), 30, "redis-server", [stack.logs / "redis.log"],
+        procs.wait_until(lambda: stack.port_open(state, ports["redis"]), 30, "redis-server", [stack.logs / "redis.log"],
                          redis_proc)
-        procs.wait_until(lambda: procs.port_open(ports["s3"]), 60, "moto_server", [stack.logs / "s3.log"], moto)
+        procs.wait_until(lambda: stack.port_open(state, ports["s3"]), 60, "moto_server", [stack.logs / "s3.log"], moto)
         timings["redis+s3"] = time.time() - t
 
         t = time.time()
@@ -257,6 +283,12 @@ def cmd_start(args) -> None:
         procs.wait_until(lambda: procs.http_get(f"{state['host']}/connected", 2)[0] == 200, args.timeout,
                          f"the NDIF API ({state['host']}/connected)", [stack.logs / "api.log"], api, interval=1)
         timings["api"] = time.time() - t
+        # Not "started" while anything of it can be reached from outside this machine.
+        exposed = netns.exposure(stack.processes(state))
+        if exposed:
+            hint = ("" if state.get("netns") else " (without root this stack gets no network namespace of its own, "
+                    "and Ray binds some services on every interface: run it as root)")
+            raise HarnessError("the stack listens beyond loopback" + hint + ":\n  " + "\n  ".join(exposed))
     except BaseException:
         state["status"] = "failed"
         stack.write(state)
