@@ -135,11 +135,12 @@ def check_access(model: str, auth_check=None) -> None:
     """Fail in one line, before any request, when ``model`` is a gated hub repository this machine may not
     read: its config and tokenizer are read here even when it runs on NDIF. Only a gated answer is turned
     into this error; anything else (no network, a typo) is left to the loader, which names it."""
-    import re
-
-    if not re.match(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", model) or os.path.isdir(os.path.expanduser(model)):
-        return  # not a hub id: an embedded model or a local folder
     from huggingface_hub.errors import GatedRepoError
+
+    from .models import resolve_source
+
+    if resolve_source(model) != "hub":
+        return  # an embedded model or a local folder
 
     if auth_check is None:
         from huggingface_hub import auth_check
