@@ -286,11 +286,11 @@ def run(profile_name: str | None = None, experiments: Path | str = ROOT / "exper
             params = {**params, "run_log": str(log_path)}
             _write_json(log_path, record)  # what provenance reads: everything before it
         if notebook == "intro":
-            params = {**params, "sections_dir": str(out_dir)}  # it reads the other pages' findings: always rerun
+            params = {**params, "sections_dir": str(out_dir)}  # it reads the other pages' findings
         source, output = nb_dir / f"{notebook}.ipynb", out_dir / f"{notebook}.ipynb"
         key = _notebook_key(source, params, results)
         recorded = _recorded(output)
-        if not force and notebook not in ("provenance", "intro") and recorded.get("key") == key:
+        if not force and not SECTIONS[notebook].reads_the_run and recorded.get("key") == key:
             record["notebooks"][notebook] = {"seconds": recorded.get("seconds", 0.0), "cached": True}
             continue
         seconds = execute(source, output, params, key, ROOT, parameters_line(params, sorted(results["beside"])))

@@ -65,6 +65,8 @@ class Section(_Settings):
 
     #: The notebook (``nb/<notebook>.ipynb``) these are the parameters of.
     notebook: ClassVar[str] = ""
+    #: A section that reads what this run itself produced (its log, the other pages) runs every time.
+    reads_the_run: ClassVar[bool] = False
 
     models: list[str] = Field(["gemma-3-270m"], min_length=1,
                               description="models: embedded names, local folders or hub ids")
@@ -199,11 +201,13 @@ class Comparison(Section, _Tasks, _Beside):
 
 class Provenance(Section, _Tasks, _Beside):
     notebook: ClassVar[str] = "provenance"
+    reads_the_run: ClassVar[bool] = True
     run_log: str = Field("", description="path of the runner's run_log.json (written by python -m taskvec book)")
 
 
 class Intro(Section, _Tasks, _Beside):
     notebook: ClassVar[str] = "intro"
+    reads_the_run: ClassVar[bool] = True
     sections_dir: str = Field("", description="folder of the executed sections whose findings the intro reads "
                                               "(set by python -m taskvec book)")
 
