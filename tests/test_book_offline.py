@@ -175,19 +175,25 @@ def test_render_check_reports_cdn_request(cdn_page, chromium):
     assert report.rendered == report.charts == 2, report.summary()  # the local bundle still draws the charts
 
 
+def planted_chart_page(html: Path, tmp_path: Path, head: str, before_chart: str) -> Path:
+    """A copy of the built book whose chart page has ``head`` at the end of its <head> and ``before_chart``
+    just before its first chart."""
+    site = tmp_path / "html"
+    shutil.copytree(html, site)
+    page = site / "book" / "sections" / "chart.html"
+    text = page.read_text().replace("</head>", head + "</head>", 1)
+    page.write_text(text.replace('<div id="altair-viz-', before_chart + '<div id="altair-viz-', 1))
+    return page
+
+
 def test_render_check_reports_planted_faults(built, chromium, tmp_path):
     """A copy of the chart page with an exception, a chart container nothing draws, and charts the mouse
     cannot reach: each one is a fault of the report, so a passing page means none of these happened."""
     html, _ = built
-    site = tmp_path / "html"
-    shutil.copytree(html, site)
-    page = site / "book" / "sections" / "chart.html"
-    text = page.read_text()
-    planted = ('<style>.vega-embed svg { pointer-events: none !important; }</style>\n'
-               '<script>window.addEventListener("load", () => { throw new Error("planted failure"); });</script>\n')
-    text = text.replace("</head>", planted + "</head>", 1)
-    text = text.replace('<div id="altair-viz-', '<div id="altair-viz-planted"></div>\n<div id="altair-viz-', 1)
-    page.write_text(text)
+    page = planted_chart_page(html, tmp_path, (
+        '<style>.vega-embed svg { pointer-events: none !important; }</style>\n'
+        '<script>window.addEventListener("load", () => { throw new Error("planted failure"); });</script>\n'),
+        '<div id="altair-viz-planted"></div>\n')
     report = chromium.render_check(page, timeout_s=10)
     faults = "\n".join(report.faults())
     for expected in ["JS exception: Error: planted failure", "only 2 of 3 charts drawn",
@@ -281,18 +287,13 @@ def test_render_check_reports_what_a_reader_should_never_see(built, chromium, tm
     """Planted on a copy of the chart page: a written-out NaN, a folder of the build machine, a table wider than
     its column, legend swatches that draw nothing, and (at 390 px) a chart drawn wider than the screen."""
     html, _ = built
-    site = tmp_path / "html"
-    shutil.copytree(html, site)
-    page = site / "book" / "sections" / "chart.html"
-    text = page.read_text()
-    planted = ('<style>g[class*="_legend_symbols"] path { fill: none !important; stroke: none !important; }\n'
-               'html body .cell_output .vega-embed svg.marks.marks { max-width: none !important; width: 900px !important; }</style>\n')
-    text = text.replace("</head>", planted + "</head>", 1)
-    body = ('<p>mean accuracy nan, read from /tmp/build-42/run_log.json</p><div class="cell_output">'
-            '<table style="display: block; overflow-x: auto; max-width: 100%"><tr><td style="white-space: nowrap">'
-            + "0.88 [0.53, 0.98] " * 80 + "</td></tr></table></div>")
-    text = text.replace('<div id="altair-viz-', body + '<div id="altair-viz-', 1)
-    page.write_text(text)
+    page = planted_chart_page(html, tmp_path, (
+        '<style>g[class*="_legend_symbols"] path { fill: none !important; stroke: none !important; }\n'
+        'html body .cell_output .vega-embed svg.marks.marks { max-width: none !important; width: 900px !important; }'
+        '</style>\n'),
+        '<p>mean accuracy nan, read from /tmp/build-42/run_log.json</p><div class="cell_output">'
+        '<table style="display: block; overflow-x: auto; max-width: 100%"><tr><td style="white-space: nowrap">'
+        + "0.88 [0.53, 0.98] " * 80 + "</td></tr></table></div>")
     faults = "\n".join(chromium.render_check(page, timeout_s=30, tooltip=False, selections=False).faults())
     for expected in ["a missing value written out", "mean accuracy nan, read from", "a folder of the build machine",
                      "table wider than its column", "legend entry without a swatch"]:
