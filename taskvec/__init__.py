@@ -5,7 +5,7 @@
     result.accuracy                                 # Baseline / Hypothesis / Regular per task
 """
 
-from .arch import ARCHITECTURES, Arch, UnsupportedArchitectureError, arch_for
+from .arch import DECLINED, LAYOUTS, Arch, UnsupportedArchitectureError, arch_for, resolve
 from .experiment import MainResult, PromptSet, run_main_experiment, run_task, usable_counts
 from .scoring import Scorer, choose_layer, single_token_examples
 from .settings import Protocol

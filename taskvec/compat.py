@@ -27,6 +27,12 @@ the file to read and fix; nothing else in taskvec reaches behind a public API of
     window, and its count of tokens seen sets the mask offsets). It runs inside traces, on an
     NDIF server too (taskvec's source travels with each request, see :func:`taskvec.remote.ship_code`).
 
+``is_key_value_cache(cache)`` -- transformers' ``Cache.layers`` and its layer classes
+    Whether a forward's cache is one :func:`select_cache_rows` can copy: a ``Cache`` whose every layer is
+    exactly a ``DynamicLayer`` or ``DynamicSlidingWindowLayer`` (keys and values, full or windowed). A
+    recurrent, linear-attention or indexer layer keeps other state, so its family is declined
+    (:func:`taskvec.arch.check_parts`).
+
 ``drop_gguf_quantizer(model)`` -- transformers' ``PreTrainedModel.hf_quantizer`` and
     ``config.quantization_config``: a model de-quantized from a GGUF file still carries its
     quantizer, and ``save_pretrained`` refuses a quantized model. After loading, the weights are
@@ -68,6 +74,15 @@ def select_cache_rows(cache, rows: torch.Tensor):
     if new.layers:
         new.batch_select_indices(rows.to(cache.layers[0].keys.device))
     return new
+
+
+def is_key_value_cache(cache: Any) -> bool:
+    """A transformers Cache whose every layer keeps keys and values (full or sliding window), nothing else."""
+    from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+    if not isinstance(cache, Cache) or not cache.layers:
+        return False
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers)
 
 
 def drop_gguf_quantizer(model: torch.nn.Module) -> None:

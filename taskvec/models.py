@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .arch import Arch, arch_for
+from .arch import Arch, arch_for, check_parts, resolve
 from .compat import drop_gguf_quantizer, name_folder_for_ndif, torch_module
 from .errors import TaskvecError
 
@@ -213,7 +213,7 @@ class TaskModel:
 
     @property
     def d_model(self) -> int:
-        return int(self.hf.config.hidden_size if hasattr(self.hf.config, "hidden_size") else self.hf.config.n_embd)
+        return self.arch.d_model
 
     @property
     def device(self) -> torch.device:
@@ -243,12 +243,14 @@ def wrap(hf_model: torch.nn.Module, tokenizer: Any, name: str, weights_sha256: s
     """Wrap an already-loaded transformers causal LM (used for tests' tiny random models too)."""
     from nnsight import TransformersModel
 
-    arch = arch_for(hf_model.config)  # fail before anything else on an unsupported family
-    arch.validate(hf_model)
+    arch = resolve(hf_model)  # fail before anything else on an unsupported family or layout
     hf_model.eval()
+    device = next(hf_model.parameters()).device
+    if device.type != "meta":  # one short forward checks the parts are what they are taken for (check_parts)
+        probe = torch.arange(1, 9, device=device) % arch.vocab_size
+        check_parts(hf_model, arch, probe[None, :])
     _pad_left(tokenizer)
     # device= keeps the model where it is: left unset, the pipeline nnsight builds moves it to cuda:0.
-    device = next(hf_model.parameters()).device
     nn = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation", device=device)
     return TaskModel(name=name, nn=nn, tokenizer=tokenizer, arch=arch, weights_sha256=weights_sha256, remote=remote)
 
@@ -290,9 +292,9 @@ def load_remote(name: str, remote: bool | str = True, revision: str | None = Non
         name_folder_for_ndif(path)
     config = _config(path, name, revision)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    arch = arch_for(config)
+    arch_for(config)  # fail before building anything on an unsupported family or layout
     nn = TransformersModel(path, tokenizer=tokenizer, revision=revision, task="text-generation")  # meta: no dispatch
-    arch.validate(torch_module(nn))
+    arch = resolve(torch_module(nn), config)  # found on the meta model; the server's weights are not checked
     _pad_left(tokenizer)
     model = TaskModel(name=name, nn=nn, tokenizer=tokenizer, arch=arch,
                       weights_sha256=model_fingerprint(name, revision), remote=remote)
