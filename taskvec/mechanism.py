@@ -135,8 +135,31 @@ def patch_last_token(model: TaskModel, layer: int, vectors: torch.Tensor, rows: 
 
 
 def next_token_logits(model: TaskModel) -> torch.Tensor:
-    """Inside a trace: the unembedding's output at the last position, (batch, vocab)."""
+    """Inside a trace: the unembedding's output at the last position, (batch, vocab). The model's logits
+    are this after :meth:`taskvec.arch.Arch.finish_logits` (a scale or soft cap; the argmax is the same)."""
     return model.arch.get(model.nn, model.arch.unembed).output[:, -1, :]
+
+
+def last_token_heads(model: TaskModel, layer: int) -> torch.Tensor:
+    """Inside a trace: each attention head's output at the last token in ``layer``, before the attention
+    output projection (the projection's input split into heads), (batch, n_heads, head_dim)."""
+    n_heads, head_dim = model.arch.head_shape(layer)
+    heads = model.arch.head_module(model.nn, layer).input
+    return heads[:, -1, :].reshape(heads.shape[0], n_heads, head_dim)
+
+
+def patch_last_token_heads(model: TaskModel, layer: int, heads: Sequence[int], values: torch.Tensor,
+                           rows: slice = slice(None)) -> None:
+    """Inside a trace: overwrite the last token's output of ``heads`` in ``layer`` for ``rows`` (before the
+    attention output projection, which then mixes them into the residual stream as the model would).
+
+    ``values`` is (len(rows), len(heads), head_dim), already on the model's device. One call per layer
+    and trace: nnsight hands out a module's input once per forward.
+    """
+    _, head_dim = model.arch.head_shape(layer)
+    inputs = model.arch.head_module(model.nn, layer).input
+    for j, head in enumerate(heads):
+        inputs[rows, -1, head * head_dim:(head + 1) * head_dim] = values[:, j]
 
 
 #: Largest result one request should bring back: NDIF returns results up to 8 MiB inline over its
@@ -238,12 +261,22 @@ class VocabPayload:
 
 
 @dataclass(**_WIRE)
-class Patch:
-    """θ written after one layer into one block of a step's rows (:class:`PatchedPayload`)."""
+class HeadsPayload:
+    """One trace of :func:`_heads_session`: each head's output at the last token, in ``layers``."""
 
-    layer: int  #: the decoder layer after which θ is written
+    inputs: dict[str, torch.Tensor]  #: left padded (rows, seq), with mask-derived position_ids (:func:`encode`)
+    layers: tuple[int, ...]  #: the layers read, in order
+
+
+@dataclass(**_WIRE)
+class Patch:
+    """θ written after one layer into one block of a step's rows (:class:`PatchedPayload`), or with
+    ``heads`` the outputs of those attention heads of the layer (before its output projection)."""
+
+    layer: int  #: the decoder layer after which θ is written (or whose heads are written)
     rows: slice  #: the step rows it goes to
-    theta: torch.Tensor  #: (len(rows), d_model), placed for the model (:func:`_placed`)
+    theta: torch.Tensor  #: (len(rows), d_model), or (len(rows), len(heads), head_dim); placed (:func:`_placed`)
+    heads: tuple[int, ...] | None = None  #: the heads written, or None for the residual stream after the layer
 
 
 @dataclass(**_WIRE)
@@ -254,7 +287,7 @@ class PatchedPayload:
     prefix: dict[str, torch.Tensor]  #: (n_prefix, prefix_len) left padded: each distinct text minus its last token
     step: dict[str, torch.Tensor]  #: input_ids, position_ids (n_rows, 1); attention_mask (n_rows, prefix_len + 1)
     rows: torch.Tensor  #: (n_rows,) long: the prefix row each step row continues
-    patches: tuple[Patch, ...]  #: in layer order (nnsight visits layers in execution order)
+    patches: tuple[Patch, ...]  #: in execution order (:func:`_execution_order`): nnsight visits modules so
     want_logits: bool  #: return (n_rows, vocab) float32 logits instead of (n_rows,) token ids
 
 
@@ -298,6 +331,17 @@ def _plain_session(model: TaskModel, payloads: Sequence[PlainPayload]) -> list:
     return remote.wait(job)["values"] if job is not None else values
 
 
+def _heads_session(model: TaskModel, payloads: Sequence[HeadsPayload]) -> list:
+    """One trace per payload; per payload a list, per layer read, of (rows, n_heads, head_dim) float32."""
+    job = remote.backend(model.nn, model.remote)
+    with model.nn.session(backend=job, remote=model.remote):
+        values = nnsight.save([])
+        for payload in payloads:
+            with model.nn.trace(payload.inputs, logits_to_keep=NO_LOGITS):
+                values.append([last_token_heads(model, layer).float() for layer in payload.layers])
+    return remote.wait(job)["values"] if job is not None else values
+
+
 def _vocab_session(model: TaskModel, payloads: Sequence[VocabPayload]) -> list:
     """One trace per payload; per payload the vectors' logits, (n, vocab) float32."""
     norm = model.arch.get(model.nn, model.arch.final_norm)
@@ -322,7 +366,10 @@ def _patched_session(model: TaskModel, payloads: Sequence[PatchedPayload]) -> li
                 cache = model.nn.output.past_key_values
             with model.nn.trace(payload.step, past_key_values=select_cache_rows(cache, payload.rows), use_cache=True, logits_to_keep=1):
                 for patch in payload.patches:
-                    patch_last_token(model, patch.layer, patch.theta, patch.rows)
+                    if patch.heads is None:
+                        patch_last_token(model, patch.layer, patch.theta, patch.rows)
+                    else:
+                        patch_last_token_heads(model, patch.layer, patch.heads, patch.theta, patch.rows)
                 logits = unembed.output[:, -1, :]
                 values.append(logits.float() if payload.want_logits else logits.argmax(-1))
     return remote.wait(job)["values"] if job is not None else values
@@ -425,7 +472,7 @@ def split_shared_prefix(ids: Sequence[Sequence[int]]) -> tuple[list[int], list[l
 
 def _value_bytes(model: TaskModel, return_logits: bool) -> int:
     """Bytes one row brings back: a token id, or a row of float32 logits."""
-    return 4 * int(model.hf.config.vocab_size) if return_logits else 8
+    return 4 * model.arch.vocab_size if return_logits else 8
 
 
 def _token_ids(model: TaskModel, texts: Sequence[str]) -> list[list[int]]:
@@ -452,7 +499,7 @@ def next_tokens(model: TaskModel, texts: Sequence[str], batch_size: int = 64, ph
     out = torch.empty((len(texts), *values[0].shape[1:]), dtype=values[0].dtype)
     for rows, value in zip(index, values):
         out[rows] = value.cpu()
-    return out
+    return model.arch.finish_logits(out) if return_logits else out
 
 
 @torch.no_grad()
@@ -573,7 +620,7 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
             for position, li in enumerate(chosen_layers):
                 block = slice(position * len(chosen), (position + 1) * len(chosen))
                 patches.append(Patch(layer=layers[li], rows=block, theta=_placed(model, vectors[chosen, layers[li]])))
-            patches.sort(key=lambda patch: patch.layer)  # nnsight visits layers in execution order
+            patches.sort(key=_execution_order)
             tokens = int(prefix["attention_mask"].sum()) + len(jobs)
             payload = PatchedPayload(prefix=prefix, step=step, rows=select, patches=tuple(patches),
                                      want_logits=return_logits)
@@ -588,7 +635,92 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
         value = value.cpu()
         for row, (li, i) in enumerate(jobs):
             result[li, i] = value[row]
-    return result
+    return model.arch.finish_logits(result) if return_logits else result
+
+
+def _execution_order(patch: Patch) -> tuple[int, int]:
+    """Where a patch's module runs in the forward: by layer, a layer's heads (inside its attention) before
+    its output. nnsight visits modules in that order, so a trace's writes must come in it."""
+    return patch.layer, 0 if patch.heads is not None else 1
+
+
+def _check_heads(model: TaskModel, layer: int, heads: Sequence[int] | None = None) -> tuple[int, int]:
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"layer {layer} out of range for a model with {model.n_layers} layers")
+    n_heads, head_dim = model.arch.head_shape(layer)
+    bad = [h for h in (heads or ()) if not 0 <= h < n_heads]
+    if bad:
+        raise ValueError(f"heads {bad} out of range for layer {layer}'s {n_heads} heads")
+    if heads is not None and len(set(heads)) != len(heads):
+        raise ValueError(f"heads must not repeat, got {list(heads)}")
+    return n_heads, head_dim
+
+
+@torch.no_grad()
+def head_outputs(model: TaskModel, texts: Sequence[str], layers: Sequence[int] | None = None, batch_size: int = 64,
+                 phase: str = "heads") -> list[torch.Tensor]:
+    """Each attention head's output at each text's last token, before the attention output projection:
+    one (n_texts, n_heads, head_dim) float32 tensor per layer of ``layers`` (default: all), in order.
+    Layers may differ in head shape (Gemma 4's global layers have wider heads), hence a list."""
+    layers = list(range(model.n_layers) if layers is None else layers)
+    shapes = [_check_heads(model, layer) for layer in layers]
+    index = list(_length_batches(model, texts, batch_size))
+    units = []
+    for rows in index:
+        enc = encode(model, [texts[i] for i in rows])
+        units.append(_Unit(payload=HeadsPayload(inputs=enc, layers=tuple(layers)),
+                           result_bytes=len(rows) * sum(4 * h * d for h, d in shapes), sent_bytes=_sent_bytes(enc),
+                           traces=1, rows=len(rows), tokens=int(enc["attention_mask"].sum()), heads=0))
+    values = _requests(model, phase, units, _heads_session)
+    out = [torch.empty(len(texts), h, d) for h, d in shapes]
+    for rows, value in zip(index, values):
+        for j, tensor in enumerate(value):
+            out[j][rows] = tensor.cpu().float()
+    return out
+
+
+@torch.no_grad()
+def head_patched_next_tokens(model: TaskModel, texts: Sequence[str], layer: int, heads: Sequence[int],
+                             values: torch.Tensor, batch_size: int = 64, phase: str = "head patch",
+                             return_logits: bool = False) -> torch.Tensor:
+    """Next token of each text with the outputs of ``heads`` in ``layer`` at its last token replaced.
+
+    ``values``: (n_texts, len(heads), head_dim), row i written into text i. Returns (n_texts,) token ids
+    or, with ``return_logits``, (n_texts, vocab) float32 logits. Each text minus its last token runs once
+    into a key/value cache, and only the last token is recomputed with the write (as
+    :func:`patched_next_tokens`).
+    """
+    n = len(texts)
+    heads = [int(h) for h in heads]
+    _, head_dim = _check_heads(model, layer, heads)
+    if values.shape != (n, len(heads), head_dim):
+        raise ValueError(f"values must be (n_texts={n}, n_heads={len(heads)}, head_dim={head_dim}), "
+                         f"got {tuple(values.shape)}")
+    ids = _token_ids(model, texts)
+    if min(len(row) for row in ids) < 2:
+        raise ValueError("every text needs at least two tokens (the cached part and the patched last token)")
+    if remote.is_remote(model.remote):  # the values of a batch travel with the request
+        batch_size = max(1, min(batch_size, REQUEST_BYTES // 2 // (4 * len(heads) * head_dim)))
+    pad = model.tokenizer.pad_token_id
+    order = sorted(range(n), key=lambda i: len(ids[i]))
+    units, members = [], []
+    for rows in _batches(n, batch_size):
+        chosen = order[rows]
+        prefix = _left_padded([ids[i][:-1] for i in chosen], pad)
+        select = torch.arange(len(chosen))
+        step, _ = _continuation(prefix["attention_mask"], [[ids[i][-1]] for i in chosen], pad)
+        patch = Patch(layer=int(layer), rows=slice(None), theta=_placed(model, values[chosen]), heads=tuple(heads))
+        payload = PatchedPayload(prefix=prefix, step=step, rows=select, patches=(patch,), want_logits=return_logits)
+        units.append(_Unit(payload=payload, result_bytes=len(chosen) * _value_bytes(model, return_logits),
+                           sent_bytes=_sent_bytes(prefix, step, select, extra=int(patch.theta.numel()) * 4),
+                           traces=2, rows=2 * len(chosen), tokens=int(prefix["attention_mask"].sum()) + len(chosen),
+                           heads=len(chosen)))
+        members.append(chosen)
+    results = _requests(model, phase, units, _patched_session)
+    out = torch.empty((n, *results[0].shape[1:]), dtype=results[0].dtype)
+    for chosen, value in zip(members, results):
+        out[chosen] = value.cpu()
+    return model.arch.finish_logits(out) if return_logits else out
 
 
 _STOP_IDS: dict[tuple[int, str], list[int]] = {}
@@ -673,8 +805,9 @@ def vocab_logits(model: TaskModel, vectors: torch.Tensor) -> torch.Tensor:
     """Residual-stream vectors read through the final norm and the unembedding, (n, vocab) float32 on CPU.
 
     The model's own read-out, applied inside a trace (on a one-token input), so it runs wherever
-    the model does, NDIF included. ``vectors``: (n, d_model). A model whose forward caps its final
-    logits (``final_logit_softcapping``, Gemma 2) gets the same cap here, ``c * tanh(logits / c)``.
+    the model does, NDIF included. ``vectors``: (n, d_model). What the model's forward does to the
+    unembedding's output (Gemma 2's soft cap, Cohere's or Granite's scale) is done here too
+    (:meth:`taskvec.arch.Arch.finish_logits`).
     """
     if vectors.dim() != 2 or vectors.shape[1] != model.d_model:
         raise ValueError(f"vectors must be (n, d_model={model.d_model}), got {tuple(vectors.shape)}")
@@ -683,5 +816,4 @@ def vocab_logits(model: TaskModel, vectors: torch.Tensor) -> torch.Tensor:
     unit = _Unit(payload=VocabPayload(inputs=enc, vectors=theta), result_bytes=_value_bytes(model, True) * len(theta),
                  sent_bytes=_sent_bytes(enc, theta), traces=1, rows=1, tokens=1, heads=len(theta))
     logits = _requests(model, "vocab", [unit], _vocab_session)[0].cpu()
-    cap = getattr(model.hf.config, "final_logit_softcapping", None)
-    return logits if not cap else torch.tanh(logits / cap) * cap
+    return model.arch.finish_logits(logits)
