@@ -10,42 +10,10 @@ import pytest
 import torch
 
 from taskvec import mechanism
-from taskvec.arch import residual
+from plain import plain_last_hidden, plain_patched_logits
 
 TEXTS = ["example:a->b\nexample:c->", "example:hot->cold\nexample:up->down\nexample:big->", "example:x->"]
 ATOL, RTOL = 1e-5, 1e-4
-
-
-def plain_last_hidden(model, text: str) -> torch.Tensor:
-    """(n_layers, d_model): each layer's output at the last token, via forward hooks, one unpadded prompt."""
-    captured = {}
-    hooks = [
-        layer.register_forward_hook(lambda mod, args, out, i=i: captured.__setitem__(i, residual(out)[0, -1].clone()))
-        for i, layer in enumerate(model.arch.layer_modules(model.hf))
-    ]
-    try:
-        with torch.no_grad():
-            model.hf(**model.tokenizer(text, return_tensors="pt"))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.stack([captured[i] for i in range(len(captured))])
-
-
-def plain_patched_logits(model, text: str, layer: int, vector: torch.Tensor) -> torch.Tensor:
-    """Last-position logits with the last token's output of ``layer`` replaced by ``vector`` (a plain hook)."""
-
-    def replace(mod, args, out):
-        hidden = residual(out).clone()
-        hidden[:, -1] = vector
-        return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
-
-    hook = model.arch.layer_modules(model.hf)[layer].register_forward_hook(replace)
-    try:
-        with torch.no_grad():
-            return model.hf(**model.tokenizer(text, return_tensors="pt")).logits[0, -1]
-    finally:
-        hook.remove()
 
 
 def test_extraction_matches_plain_forward(tiny):
@@ -127,3 +95,17 @@ def test_the_cached_sweep_recomputes_only_the_last_token(tiny_gpt2):
     lengths = [len(tiny_gpt2.tokenizer(t).input_ids) for t in TEXTS]
     expected = sum(n - 1 for n in lengths) + len(TEXTS) * tiny_gpt2.n_layers
     assert usage.by_phase["sweep"]["tokens"] == expected
+
+
+def test_head_arguments_are_checked_before_any_compute(tiny_gpt2):
+    model = tiny_gpt2
+    n_heads, head_dim = model.arch.head_shape(0)
+    values = torch.zeros(len(TEXTS), 1, head_dim)
+    with pytest.raises(ValueError, match=f"heads \\[{n_heads}\\] out of range for layer 0's {n_heads} heads"):
+        mechanism.head_patched_next_tokens(model, TEXTS, 0, [n_heads], values)
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        mechanism.head_outputs(model, TEXTS, [9])
+    with pytest.raises(ValueError, match="values must be"):
+        mechanism.head_patched_next_tokens(model, TEXTS, 0, [0, 1], values)
+    with pytest.raises(ValueError, match="heads must not repeat"):
+        mechanism.head_patched_next_tokens(model, TEXTS, 0, [1, 1], torch.zeros(len(TEXTS), 2, head_dim))

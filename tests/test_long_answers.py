@@ -16,7 +16,6 @@ import torch
 
 from taskvec import cli, mechanism
 from taskvec.studies import long_answers as LA
-from taskvec.arch import residual
 from taskvec.errors import SettingError
 from taskvec.settings import Protocol
 from taskvec.prompts import PromptFormat
@@ -25,40 +24,10 @@ from taskvec.store import Store
 from taskvec.study import ModelRef, key_of
 from taskvec.tasks import Example, Task, load_task, load_tasks
 
+from plain import plain_generate
+
 TEXTS = ["example:a->b\nexample:c->", "example:hot->cold\nexample:up->down\nexample:big->", "example:x->"]
 STEPS = 6
-
-
-def plain_generate(model, text: str, steps: int, layer: int | None = None, vector: torch.Tensor | None = None,
-                   stop_ids=(), every: bool = False) -> list[int]:
-    """Greedy decoding without a cache: the whole sequence runs again at every step; with ``vector``, a forward
-    hook overwrites the output of ``layer`` at the prompt's last position (every step, as the cache keeps it),
-    and with ``every`` at each generated position after it too."""
-    ids = model.tokenizer(text, return_tensors="pt").input_ids
-    position = ids.shape[1] - 1
-    hook = None
-    if vector is not None:
-        def replace(mod, args, out):
-            hidden = residual(out).clone()
-            if every:
-                hidden[:, position:] = vector
-            else:
-                hidden[:, position] = vector
-            return hidden if isinstance(out, torch.Tensor) else (hidden, *out[1:])
-        hook = model.arch.layer_modules(model.hf)[layer].register_forward_hook(replace)
-    out = []
-    try:
-        for _ in range(steps):
-            with torch.no_grad():
-                token = int(model.hf(input_ids=ids).logits[0, -1].argmax())
-            out.append(token)
-            if token in stop_ids:
-                break
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    finally:
-        if hook is not None:
-            hook.remove()
-    return out
 
 
 def test_generate_matches_a_plain_loop_with_a_hook(tiny):
