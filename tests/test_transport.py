@@ -132,13 +132,14 @@ def test_vocab_logits_of_the_last_layer_are_the_models_next_token_logits(tiny):
 def test_vocab_logits_apply_the_final_soft_cap_as_the_forward_does():
     """Gemma 2's ``final_logit_softcapping`` (null for Gemma 3, whose forward applies it when set): 0.5 here, so
     that it bites on these small logits; the read-out must give the capped logits the model itself gives."""
-    model = tiny_model("gemma3")
-    model.hf.config.final_logit_softcapping = 0.5
+    model = tiny_model("gemma3", final_logit_softcapping=0.5)
     state, logits = _last_layer_state_and_logits(model)
     assert logits.abs().max() <= 0.5
     torch.testing.assert_close(mechanism.vocab_logits(model, state[None, :])[0], logits, rtol=1e-4, atol=1e-4)
-    model.hf.config.final_logit_softcapping = None
-    assert mechanism.vocab_logits(model, state[None, :])[0].abs().max() > 0.5  # the cap is what made the difference
+    torch.testing.assert_close(mechanism.next_tokens(model, ["example:ab->"], return_logits=True)[0], logits,
+                               rtol=1e-4, atol=1e-4)
+    uncapped = tiny_model("gemma3")  # same weights (seed 0), no cap
+    assert mechanism.vocab_logits(uncapped, state[None, :])[0].abs().max() > 0.5  # the cap made the difference
 
 
 # --- the libraries' private APIs ---------------------------------------------------------------
