@@ -4,6 +4,7 @@ The stack (moto, redis, a Ray head, the NDIF API; see scripts/ndif_local/) runs 
 and serves two models by their local folders:
 
     "tiny"   conftest.py's tiny_model("llama"): a random 4-layer Llama (d_model 32), character tokenizer
+    "olmo3", "qwen3_moe"   families.py's tiny_family_model of those types (2 layers), character tokenizer
     "gemma"  the embedded Gemma 3 270M (taskvec.models.embedded_path("gemma-3-270m"))
 
 Enable it with ``pytest_plugins = ["ndif_server"]`` in tests/conftest.py, then::
@@ -133,6 +134,21 @@ def build_tiny_llama(folder: Path) -> str:
     return str(folder)
 
 
+#: Families beyond the paper's, served as tiny random models (families.tiny_family_model).
+SERVED_FAMILIES = ("olmo3", "qwen3_moe")
+
+
+def build_tiny_family(folder: Path, model_type: str) -> str:
+    """families.py's tiny random ``model_type`` saved with the character tokenizer: what the local
+    ``families.tiny_family_model(model_type)`` computes."""
+    from conftest import char_tokenizer
+    from families import tiny_family_model
+
+    tiny_family_model(model_type).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
 def _rundir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ndif")
     if len(str(path)) <= MAX_RUNDIR:
@@ -159,7 +175,8 @@ def ndif_server(tmp_path_factory):
     # whose status stops changing for a minute is submitted again once, so no test waits out the timeout.
     remote.STALE_S = min(remote.STALE_S, 60.0)
     models = {"tiny": build_tiny_llama(tmp_path_factory.mktemp("ndif-tiny")),
-              "gemma": str(embedded_path("gemma-3-270m")[0])}
+              "gemma": str(embedded_path("gemma-3-270m")[0]),
+              **{name: build_tiny_family(tmp_path_factory.mktemp(f"ndif-{name}"), name) for name in SERVED_FAMILIES}}
     server = NDIFServer(_rundir(tmp_path_factory), models)
     # A SIGTERM to pytest (a CI timeout) becomes a KeyboardInterrupt, so the teardown below runs.
     previous = signal.getsignal(signal.SIGTERM)

@@ -64,6 +64,37 @@ def test_remote_equals_local_on_every_operation(served):
         assert far_ids == mechanism.generate(near, TEXTS, 5, theta, layer, batch_size=3, patch=patch), (layer, patch)
 
 
+@pytest.mark.parametrize("model_type", ["olmo3", "qwen3_moe"])
+def test_new_families_remote_equal_local(ndif_server, model_type):
+    """Families beyond the paper's (OLMo 3, a Qwen3 mixture of experts) through the real server: every
+    operation, attention heads read and written included, equals the same tiny model run here."""
+    from conftest import char_tokenizer
+    from families import tiny_family_model
+    from taskvec.models import wrap
+
+    far = load_model(ndif_server.models[model_type], remote=ndif_server.host)
+    near = wrap(tiny_family_model(model_type), char_tokenizer(), name=f"tiny-{model_type}", weights_sha256="local")
+    assert far.arch == near.arch
+    generator = torch.Generator().manual_seed(5)
+    vectors = torch.randn(len(TEXTS), near.n_layers, near.d_model, generator=generator) * 3
+    _, head_dim = near.arch.head_shape(1)
+    values = torch.randn(len(TEXTS), 2, head_dim, generator=generator) * 3
+    for name, call in {
+        "next_tokens": lambda m: mechanism.next_tokens(m, TEXTS, batch_size=2),
+        "theta": lambda m: mechanism.task_vectors(m, [[t, t + "a"] for t in TEXTS], batch_size=3),
+        "sweep": lambda m: mechanism.patched_next_tokens(m, TEXTS, vectors, range(near.n_layers), batch_size=5),
+        "vocab": lambda m: mechanism.vocab_logits(m, vectors[:, 1]),
+        "heads": lambda m: torch.stack(mechanism.head_outputs(m, TEXTS, [0, 1])),
+        "head patch": lambda m: mechanism.head_patched_next_tokens(m, TEXTS, 1, [0, 3], values, return_logits=True),
+    }.items():
+        a, b = call(far), call(near)
+        if a.dtype == torch.long:
+            assert a.tolist() == b.tolist(), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()), msg=name)
+    assert mechanism.generate(far, TEXTS, 4, vectors[:, 0], 0) == mechanism.generate(near, TEXTS, 4, vectors[:, 0], 0)
+
+
 def test_a_phase_is_one_request(served):
     far, _ = served
     with mechanism.track_usage() as usage:
