@@ -153,13 +153,19 @@ def patch_last_token_heads(model: TaskModel, layer: int, heads: Sequence[int], v
     """Inside a trace: overwrite the last token's output of ``heads`` in ``layer`` for ``rows`` (before the
     attention output projection, which then mixes them into the residual stream as the model would).
 
-    ``values`` is (len(rows), len(heads), head_dim), already on the model's device. One call per layer
-    and trace: nnsight hands out a module's input once per forward.
+    ``values`` is (len(rows), len(heads), head_dim), or (len(heads), head_dim) for the same values in every
+    row, already on the model's device. One call per layer and trace: nnsight hands out a module's input
+    once per forward (:func:`_write_heads` writes several blocks of rows through one access).
     """
+    _write_heads(model, layer, model.arch.head_module(model.nn, layer).input, [(heads, values, rows)])
+
+
+def _write_heads(model: TaskModel, layer: int, inputs: torch.Tensor, writes) -> None:
+    """Write ``(heads, values, rows)`` blocks into ``inputs``, the input of ``layer``'s output projection."""
     _, head_dim = model.arch.head_shape(layer)
-    inputs = model.arch.head_module(model.nn, layer).input
-    for j, head in enumerate(heads):
-        inputs[rows, -1, head * head_dim:(head + 1) * head_dim] = values[:, j]
+    for heads, values, rows in writes:
+        for j, head in enumerate(heads):
+            inputs[rows, -1, head * head_dim:(head + 1) * head_dim] = values[..., j, :]
 
 
 #: Largest result one request should bring back: NDIF returns results up to 8 MiB inline over its
@@ -289,6 +295,7 @@ class PatchedPayload:
     rows: torch.Tensor  #: (n_rows,) long: the prefix row each step row continues
     patches: tuple[Patch, ...]  #: in execution order (:func:`_execution_order`): nnsight visits modules so
     want_logits: bool  #: return (n_rows, vocab) float32 logits instead of (n_rows,) token ids
+    targets: torch.Tensor | None = None  #: (n_rows,) long: return each row's probability of its target instead
 
 
 @dataclass(**_WIRE)
@@ -365,13 +372,21 @@ def _patched_session(model: TaskModel, payloads: Sequence[PatchedPayload]) -> li
             with model.nn.trace(payload.prefix, use_cache=True, logits_to_keep=NO_LOGITS):
                 cache = model.nn.output.past_key_values
             with model.nn.trace(payload.step, past_key_values=select_cache_rows(cache, payload.rows), use_cache=True, logits_to_keep=1):
-                for patch in payload.patches:
+                done = 0
+                while done < len(payload.patches):
+                    patch = payload.patches[done]
                     if patch.heads is None:
                         patch_last_token(model, patch.layer, patch.theta, patch.rows)
-                    else:
-                        patch_last_token_heads(model, patch.layer, patch.heads, patch.theta, patch.rows)
+                        done += 1
+                        continue
+                    group = [p for p in payload.patches[done:] if p.heads is not None and p.layer == patch.layer]
+                    _write_heads(model, patch.layer, model.arch.head_module(model.nn, patch.layer).input, [(p.heads, p.theta, p.rows) for p in group])
+                    done += len(group)
                 logits = unembed.output[:, -1, :]
-                values.append(logits.float() if payload.want_logits else logits.argmax(-1))
+                if payload.targets is not None:
+                    values.append(model.arch.finish_logits(logits.float()).softmax(-1)[torch.arange(len(payload.targets)), payload.targets])
+                else:
+                    values.append(logits.float() if payload.want_logits else logits.argmax(-1))
     return remote.wait(job)["values"] if job is not None else values
 
 
@@ -721,6 +736,65 @@ def head_patched_next_tokens(model: TaskModel, texts: Sequence[str], layer: int,
     for chosen, value in zip(members, results):
         out[chosen] = value.cpu()
     return model.arch.finish_logits(out) if return_logits else out
+
+
+@torch.no_grad()
+def head_sweep_probs(model: TaskModel, texts: Sequence[str], targets: Sequence[int], values: Sequence[torch.Tensor],
+                     layers: Sequence[int] | None = None, batch_size: int = 256,
+                     phase: str = "head sweep") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each text's probability of its target token at the last position, clean and with one head replaced.
+
+    ``values[j]``: (n_heads, head_dim) for ``layers[j]`` (default: all layers), the output each head is set
+    to at the last token (the same in every text, e.g. the head's mean over in-context prompts). Returns
+    (clean (n_texts,), patched (n_texts, len(layers), n_heads)) float32: in patched ``[i, j, h]`` only head
+    ``h`` of ``layers[j]`` is replaced. Each text minus its last token runs once into a key/value cache;
+    every (text, head) row recomputes only the last token, and the probabilities are computed where the
+    model runs (no vocabulary-wide logits travel).
+    """
+    n = len(texts)
+    layers = list(range(model.n_layers) if layers is None else layers)
+    if len(values) != len(layers):
+        raise ValueError(f"one (n_heads, head_dim) tensor of values per layer ({len(layers)}), got {len(values)}")
+    for layer, value in zip(layers, values):
+        shape = _check_heads(model, layer)
+        if tuple(value.shape) != shape:
+            raise ValueError(f"values for layer {layer} must be (n_heads, head_dim)={shape}, got {tuple(value.shape)}")
+    if len(targets) != n:
+        raise ValueError(f"one target token per text ({n}), got {len(targets)}")
+    ids = _token_ids(model, texts)
+    if min(len(row) for row in ids) < 2:
+        raise ValueError("every text needs at least two tokens (the cached part and the patched last token)")
+    blocks = [(j, h) for j, layer in enumerate(layers) for h in range(values[j].shape[0])]  # one per head
+    pad = model.tokenizer.pad_token_id
+    placed = [_placed(model, value) for value in values]
+    value_bytes = sum(int(v.numel()) * 4 for v in placed)
+    order = sorted(range(n), key=lambda i: len(ids[i]))
+    units, members = [], []
+    for rows in _batches(n, max(1, batch_size // (len(blocks) + 1))):
+        chosen = order[rows]
+        k = len(chosen)
+        prefix = _left_padded([ids[i][:-1] for i in chosen], pad)
+        select = torch.arange(k).repeat(len(blocks) + 1)  # block-major: clean rows, then one block per head
+        step, _ = _continuation(prefix["attention_mask"][select], [[ids[chosen[t]][-1]] for t in select.tolist()], pad)
+        patches = tuple(Patch(layer=layers[j], rows=slice((b + 1) * k, (b + 2) * k), theta=placed[j][h:h + 1].clone(),
+                              heads=(h,)) for b, (j, h) in enumerate(blocks))
+        wanted = torch.tensor([int(targets[chosen[t]]) for t in select.tolist()], dtype=torch.long)
+        payload = PatchedPayload(prefix=prefix, step=step, rows=select, patches=patches, want_logits=False,
+                                 targets=wanted)
+        units.append(_Unit(payload=payload, result_bytes=len(select) * 4,
+                           sent_bytes=_sent_bytes(prefix, step, select, wanted, extra=value_bytes),
+                           traces=2, rows=k + len(select), tokens=int(prefix["attention_mask"].sum()) + len(select),
+                           heads=len(select)))
+        members.append(chosen)
+    results = _requests(model, phase, units, _patched_session)
+    clean = torch.empty(n)
+    patched = torch.empty(n, len(layers), max(v.shape[0] for v in values))
+    for chosen, value in zip(members, results):
+        grid = value.cpu().float().view(len(blocks) + 1, len(chosen))
+        clean[chosen] = grid[0]
+        for b, (j, h) in enumerate(blocks):
+            patched[chosen, j, h] = grid[b + 1]
+    return clean, patched
 
 
 _STOP_IDS: dict[tuple[int, str], list[int]] = {}

@@ -109,3 +109,22 @@ def test_head_arguments_are_checked_before_any_compute(tiny_gpt2):
         mechanism.head_patched_next_tokens(model, TEXTS, 0, [0, 1], values)
     with pytest.raises(ValueError, match="heads must not repeat"):
         mechanism.head_patched_next_tokens(model, TEXTS, 0, [1, 1], torch.zeros(len(TEXTS), 2, head_dim))
+
+
+def test_head_sweep_equals_plain_hooks(tiny):
+    """Every (layer, head) replaced in turn by a given output, one row each on a cached prefix: the target's
+    probability equals a plain forward with a pre-hook on the output projection; the clean row, a plain forward."""
+    from plain import plain_head_patched_logits, plain_logits
+
+    torch.manual_seed(2)
+    layers = [0, tiny.n_layers - 1]
+    values = [torch.randn(*tiny.arch.head_shape(layer)) * 5 for layer in layers]
+    targets = [5, 9, 30]
+    clean, patched = mechanism.head_sweep_probs(tiny, TEXTS, targets, values, layers, batch_size=7)
+    for i, text in enumerate(TEXTS):
+        assert clean[i] == pytest.approx(float(plain_logits(tiny, text).softmax(-1)[targets[i]]), rel=1e-4, abs=1e-6)
+        for j, layer in enumerate(layers):
+            for head in range(tiny.arch.head_shape(layer)[0]):
+                want = plain_head_patched_logits(tiny, text, layer, [head], values[j][head:head + 1]).softmax(-1)
+                assert patched[i, j, head] == pytest.approx(float(want[targets[i]]), rel=1e-4, abs=1e-6)
+    assert not torch.allclose(patched, clean[:, None, None].expand_as(patched), atol=1e-4)

@@ -79,6 +79,7 @@ def test_new_families_remote_equal_local(ndif_server, model_type):
     vectors = torch.randn(len(TEXTS), near.n_layers, near.d_model, generator=generator) * 3
     _, head_dim = near.arch.head_shape(1)
     values = torch.randn(len(TEXTS), 2, head_dim, generator=generator) * 3
+    sweep_values = [torch.randn(*near.arch.head_shape(layer), generator=generator) * 3 for layer in (0, 1)]
     for name, call in {
         "next_tokens": lambda m: mechanism.next_tokens(m, TEXTS, batch_size=2),
         "theta": lambda m: mechanism.task_vectors(m, [[t, t + "a"] for t in TEXTS], batch_size=3),
@@ -86,6 +87,8 @@ def test_new_families_remote_equal_local(ndif_server, model_type):
         "vocab": lambda m: mechanism.vocab_logits(m, vectors[:, 1]),
         "heads": lambda m: torch.stack(mechanism.head_outputs(m, TEXTS, [0, 1])),
         "head patch": lambda m: mechanism.head_patched_next_tokens(m, TEXTS, 1, [0, 3], values, return_logits=True),
+        "head sweep": lambda m: torch.cat([p.flatten() for p in mechanism.head_sweep_probs(
+            m, TEXTS, [5, 6, 7, 8], sweep_values, [0, 1], batch_size=9)]),
     }.items():
         a, b = call(far), call(near)
         if a.dtype == torch.long:
