@@ -86,7 +86,7 @@ def main() -> None:
     print(f"model: {args.model} ({model.n_layers} layers, {where})")
     print(f"protocol: {protocol.n_shots} shots, {protocol.n_dev} dev / {protocol.n_test} test / "
           f"{protocol.n_baseline} baseline prompts, {len(tasks)} tasks")
-    token_flop, head_flop = flop_per_token(model), 2 * model.d_model * int(model.hf.config.vocab_size)
+    token_flop, head_flop = flop_per_token(model), 2 * model.d_model * model.arch.vocab_size
     rate = None if args.remote else matmul_flops()
     if rate:
         print(f"arithmetic: {token_flop / 1e9:.2f} GFLOP per forward token (2 x non-embedding parameters), "
