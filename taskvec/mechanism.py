@@ -124,14 +124,19 @@ def last_token_residual(model: TaskModel, layer: int) -> torch.Tensor:
     return residual(model.arch.layer_modules(model.nn)[layer].output)[:, -1, :]
 
 
-def patch_last_token(model: TaskModel, layer: int, vectors: torch.Tensor, rows: slice = slice(None)) -> None:
-    """Inside a trace: overwrite the last token's residual stream after ``layer`` for ``rows``.
+def patch_last_token(model: TaskModel, layer: int, vectors: torch.Tensor, rows: slice = slice(None),
+                     add: bool = False) -> None:
+    """Inside a trace: overwrite (or with ``add``, add to) the last token's residual stream after ``layer``
+    for ``rows``.
 
     ``vectors`` is (len(rows), d_model) or (d_model,), already on the model's device.
     The write is in place on the tensor the next layer receives, so it propagates.
     """
     hidden = residual(model.arch.layer_modules(model.nn)[layer].output)
-    hidden[rows, -1, :] = vectors
+    if add:
+        hidden[rows, -1, :] += vectors
+    else:
+        hidden[rows, -1, :] = vectors
 
 
 def next_token_logits(model: TaskModel) -> torch.Tensor:
@@ -275,6 +280,14 @@ class HeadsPayload:
 
 
 @dataclass(**_WIRE)
+class ProjectPayload:
+    """One trace of :func:`_project_session`: head outputs put through their layer's output projection."""
+
+    inputs: dict[str, torch.Tensor]  #: a one-token input, (1, 1): the trace only gives the projections a place to run
+    items: tuple  #: (layer, x) pairs, x (n, n_heads * head_dim) placed for the model (:func:`_placed`)
+
+
+@dataclass(**_WIRE)
 class Patch:
     """θ written after one layer into one block of a step's rows (:class:`PatchedPayload`), or with
     ``heads`` the outputs of those attention heads of the layer (before its output projection)."""
@@ -283,6 +296,7 @@ class Patch:
     rows: slice  #: the step rows it goes to
     theta: torch.Tensor  #: (len(rows), d_model), or (len(rows), len(heads), head_dim); placed (:func:`_placed`)
     heads: tuple[int, ...] | None = None  #: the heads written, or None for the residual stream after the layer
+    add: bool = False  #: add θ to the residual stream instead of replacing it (not for heads)
 
 
 @dataclass(**_WIRE)
@@ -349,6 +363,22 @@ def _heads_session(model: TaskModel, payloads: Sequence[HeadsPayload]) -> list:
     return remote.wait(job)["values"] if job is not None else values
 
 
+def _project_session(model: TaskModel, payloads: Sequence[ProjectPayload]) -> list:
+    """One trace per payload; per payload a list, per item, of (n, d_model) float32: each row's projection
+    minus the projection of zeros (so a bias is not counted as the heads' output)."""
+    job = remote.backend(model.nn, model.remote)
+    with model.nn.session(backend=job, remote=model.remote):
+        values = nnsight.save([])
+        for payload in payloads:
+            with model.nn.trace(payload.inputs, logits_to_keep=1):
+                out = []
+                for layer, x in payload.items:
+                    proj = model.arch.head_module(model.nn, layer)
+                    out.append((proj(x) - proj(torch.zeros_like(x[:1]))).float())
+                values.append(out)
+    return remote.wait(job)["values"] if job is not None else values
+
+
 def _vocab_session(model: TaskModel, payloads: Sequence[VocabPayload]) -> list:
     """One trace per payload; per payload the vectors' logits, (n, vocab) float32."""
     norm = model.arch.get(model.nn, model.arch.final_norm)
@@ -376,7 +406,7 @@ def _patched_session(model: TaskModel, payloads: Sequence[PatchedPayload]) -> li
                 while done < len(payload.patches):
                     patch = payload.patches[done]
                     if patch.heads is None:
-                        patch_last_token(model, patch.layer, patch.theta, patch.rows)
+                        patch_last_token(model, patch.layer, patch.theta, patch.rows, patch.add)
                         done += 1
                         continue
                     group = [p for p in payload.patches[done:] if p.heads is not None and p.layer == patch.layer]
@@ -591,8 +621,10 @@ def _placed(model: TaskModel, tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.Tensor, layers: Sequence[int],
-                        batch_size: int = 256, phase: str = "patch", return_logits: bool = False) -> torch.Tensor:
-    """Next token of each text with θ patched at the last token after each of ``layers``.
+                        batch_size: int = 256, phase: str = "patch", return_logits: bool = False,
+                        add: bool = False) -> torch.Tensor:
+    """Next token of each text with θ patched at the last token after each of ``layers`` (replacing the
+    residual stream there, as the paper does; with ``add``, added to it, as a function vector is).
 
     ``vectors``: (n_texts, n_layers, d_model), θ of every layer for each text (row i patches text
     i). Returns (len(layers), n_texts) token ids, or with ``return_logits`` (len(layers), n_texts,
@@ -634,7 +666,8 @@ def patched_next_tokens(model: TaskModel, texts: Sequence[str], vectors: torch.T
             patches = []
             for position, li in enumerate(chosen_layers):
                 block = slice(position * len(chosen), (position + 1) * len(chosen))
-                patches.append(Patch(layer=layers[li], rows=block, theta=_placed(model, vectors[chosen, layers[li]])))
+                patches.append(Patch(layer=layers[li], rows=block, theta=_placed(model, vectors[chosen, layers[li]]),
+                                     add=add))
             patches.sort(key=_execution_order)
             tokens = int(prefix["attention_mask"].sum()) + len(jobs)
             payload = PatchedPayload(prefix=prefix, step=step, rows=select, patches=tuple(patches),
@@ -795,6 +828,41 @@ def head_sweep_probs(model: TaskModel, texts: Sequence[str], targets: Sequence[i
         for b, (j, h) in enumerate(blocks):
             patched[chosen, j, h] = grid[b + 1]
     return clean, patched
+
+
+@torch.no_grad()
+def head_contributions(model: TaskModel, heads: Sequence[tuple[int, int]], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """What each head adds to the residual stream when its output is ``values[i]``: (len(heads), d_model).
+
+    ``heads``: (layer, head) pairs; ``values[i]``: (head_dim,). Each value is put alone (the layer's other
+    heads at zero) through its layer's attention output projection, inside a trace so it runs wherever the
+    model does; a bias of the projection is not counted. The sum over a task's top heads of their mean
+    outputs so projected is the function vector of Todd et al. (2024).
+    """
+    if len(heads) != len(values):
+        raise ValueError(f"one value per head ({len(heads)}), got {len(values)}")
+    by_layer: dict[int, list[int]] = {}
+    rows = []
+    for i, ((layer, head), value) in enumerate(zip(heads, values)):
+        n_heads, head_dim = _check_heads(model, int(layer), [int(head)])
+        if tuple(value.shape) != (head_dim,):
+            raise ValueError(f"the value of head ({layer}, {head}) must be (head_dim={head_dim},), got {tuple(value.shape)}")
+        x = torch.zeros(n_heads * head_dim)
+        x[int(head) * head_dim:(int(head) + 1) * head_dim] = value.float()
+        by_layer.setdefault(int(layer), []).append(i)
+        rows.append(x)
+    if not rows:
+        return torch.empty(0, model.d_model)
+    items = tuple((layer, _placed(model, torch.stack([rows[i] for i in members])))
+                  for layer, members in by_layer.items())
+    enc = encode(model, [model.tokenizer.decode([model.tokenizer.pad_token_id])])
+    unit = _Unit(payload=ProjectPayload(inputs=enc, items=items), result_bytes=4 * model.d_model * len(rows),
+                 sent_bytes=_sent_bytes(enc, *[x for _, x in items]), traces=1, rows=1, tokens=1, heads=0)
+    results = _requests(model, "head contributions", [unit], _project_session)[0]
+    out = torch.empty(len(rows), model.d_model)
+    for (layer, members), value in zip(by_layer.items(), results):
+        out[members] = value.cpu().float()
+    return out
 
 
 _STOP_IDS: dict[tuple[int, str], list[int]] = {}

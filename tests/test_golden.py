@@ -128,3 +128,32 @@ def test_head_sweep_equals_plain_hooks(tiny):
                 want = plain_head_patched_logits(tiny, text, layer, [head], values[j][head:head + 1]).softmax(-1)
                 assert patched[i, j, head] == pytest.approx(float(want[targets[i]]), rel=1e-4, abs=1e-6)
     assert not torch.allclose(patched, clean[:, None, None].expand_as(patched), atol=1e-4)
+
+
+def test_add_mode_adds_to_the_residual_stream(tiny):
+    """add=True: θ added to the last token's state after the layer (a function vector's write), against a hook."""
+    torch.manual_seed(3)
+    vectors = torch.randn(len(TEXTS), tiny.n_layers, tiny.d_model) * 2
+    got = mechanism.patched_next_tokens(tiny, TEXTS, vectors, [1], return_logits=True, add=True)[0]
+    for i, text in enumerate(TEXTS):
+        want = plain_patched_logits(tiny, text, 1, plain_last_hidden(tiny, text)[1] + vectors[i, 1])
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=RTOL)
+
+
+def test_head_contributions_are_each_heads_share_of_the_output_projection(tiny):
+    """A head's contribution is its slice of the projection applied to its value, without the bias: for GPT-2's
+    Conv1D and for Linear projections alike; the sum over all heads of a layer is the projection's output
+    minus its bias."""
+    torch.manual_seed(4)
+    layer = tiny.n_layers - 1
+    n_heads, head_dim = tiny.arch.head_shape(layer)
+    values = torch.randn(n_heads, head_dim)
+    got = mechanism.head_contributions(tiny, [(layer, h) for h in range(n_heads)], list(values))
+    proj = tiny.arch.head_module(tiny.hf, layer)
+    with torch.no_grad():
+        whole = proj(values.reshape(1, -1)) - proj(torch.zeros(1, n_heads * head_dim))
+        for h in range(n_heads):
+            alone = torch.zeros(1, n_heads * head_dim)
+            alone[0, h * head_dim:(h + 1) * head_dim] = values[h]
+            torch.testing.assert_close(got[h], (proj(alone) - proj(torch.zeros_like(alone)))[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.sum(0), whole[0], atol=1e-4, rtol=1e-4)

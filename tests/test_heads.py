@@ -1,0 +1,97 @@
+"""The heads study's pieces (taskvec.studies.heads): corrupted prompts, mean head outputs, indirect effects,
+the average over tasks, the ranking and the function vector, on planted data and against plain PyTorch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taskvec.prompts import FewShotPrompt, PromptFormat
+from taskvec.studies import heads as H
+from taskvec.tasks import Example
+
+from plain import plain_head_patched_logits, plain_heads, plain_logits
+
+TEXTS = ["example:a->b\nexample:c->", "example:hot->cold\nexample:up->down\nexample:big->", "example:x->"]
+
+
+def _prompt(outputs):
+    demos = tuple(Example(f"in{i}", (o,)) for i, o in enumerate(outputs))
+    return FewShotPrompt("t", demos, Example("q", ("Q",)), (Example("d", ("D",)),))
+
+
+def test_shuffled_labels_move_every_answer_and_keep_the_rest():
+    prompt = _prompt(["A", "B", "C", "D", "E"])
+    for seed in range(20):
+        bad = H.shuffled_labels(prompt, seed)
+        assert [d.input for d in bad.demonstrations] == [d.input for d in prompt.demonstrations]
+        assert sorted(d.output for d in bad.demonstrations) == ["A", "B", "C", "D", "E"]
+        assert all(b.output != g.output for b, g in zip(bad.demonstrations, prompt.demonstrations))
+        assert bad.query == prompt.query and bad.dummy_queries == prompt.dummy_queries
+    assert H.shuffled_labels(prompt, 3) == H.shuffled_labels(prompt, 3)  # seeded
+    same = _prompt(["A", "A", "A"])
+    assert H.shuffled_labels(same, 0) == same  # nothing can move
+
+
+def test_mean_head_outputs_are_the_mean_of_each_texts_heads(tiny):
+    means = H.mean_head_outputs(tiny, TEXTS)
+    assert len(means) == tiny.n_layers
+    for layer in (0, tiny.n_layers - 1):
+        want = torch.stack([plain_heads(tiny, text, layer) for text in TEXTS]).mean(0)
+        torch.testing.assert_close(means[layer], want, atol=1e-5, rtol=1e-4)
+
+
+def test_indirect_effect_is_the_rise_of_the_targets_probability(tiny_gpt2):
+    model = tiny_gpt2
+    means = H.mean_head_outputs(model, TEXTS[:2])
+    targets = [7, 8, 9]
+    effect = H.indirect_effects(model, TEXTS, targets, means, batch_size=5)
+    assert effect.shape == (len(TEXTS), model.n_layers, model.arch.head_shape(0)[0])
+    layer, head = 1, 2
+    for i, text in enumerate(TEXTS):
+        clean = plain_logits(model, text).softmax(-1)[targets[i]]
+        patched = plain_head_patched_logits(model, text, layer, [head], means[layer][head:head + 1]).softmax(-1)
+        assert float(effect[i, layer, head]) == pytest.approx(float(patched[targets[i]] - clean), abs=1e-5)
+
+
+def test_the_average_counts_only_tasks_done_in_context_and_the_ranking_flips_with_it():
+    """Planted: task a (done in context) peaks at head (1, 0); task b (not done) has a larger peak at (0, 2).
+    Left out, b cannot move the ranking; counted, it would."""
+    a = torch.zeros(2, 3)
+    a[1, 0] = 0.2
+    b = torch.zeros(2, 3)
+    b[0, 2] = 0.9
+    effects = {"a": a, "b": b}
+    assert H.top_heads(H.average_indirect_effect(effects, {"a": True, "b": False}), 1) == [(1, 0)]
+    assert H.top_heads(H.average_indirect_effect(effects, {"a": True, "b": True}), 1) == [(0, 2)]
+    with pytest.raises(ValueError, match="no task the model does in context"):
+        H.average_indirect_effect(effects, {"a": False, "b": False})
+
+
+def test_top_heads_are_ordered_and_checked():
+    effect = torch.tensor([[0.1, 0.5], [0.5, -1.0]])
+    assert H.top_heads(effect, 3) == [(0, 1), (1, 0), (0, 0)]  # a tie goes to the earlier layer
+    with pytest.raises(ValueError, match="k must be in 1..4"):
+        H.top_heads(effect, 5)
+
+
+def test_function_vector_is_the_sum_of_the_heads_projected_means(tiny):
+    means = H.mean_head_outputs(tiny, TEXTS)
+    chosen = [(0, 1), (tiny.n_layers - 1, 0), (0, 0)]
+    fv = H.function_vector(tiny, means, chosen)
+    want = torch.zeros(tiny.d_model)
+    for layer, head in chosen:
+        n_heads, head_dim = tiny.arch.head_shape(layer)
+        x = torch.zeros(1, n_heads * head_dim)
+        x[0, head * head_dim:(head + 1) * head_dim] = means[layer][head]
+        proj = tiny.arch.head_module(tiny.hf, layer)
+        with torch.no_grad():
+            want += (proj(x) - proj(torch.zeros_like(x)))[0]
+    torch.testing.assert_close(fv, want, atol=1e-4, rtol=1e-4)
+
+
+def test_answer_token_is_the_first_token_after_the_query_line(tiny_gpt2):
+    fmt = PromptFormat()
+    token = H.answer_token(tiny_gpt2.tokenizer, fmt, Example("a", ("b",)))
+    full = tiny_gpt2.tokenizer(fmt.query("a") + fmt.answer("b")).input_ids
+    assert token == full[-1]
