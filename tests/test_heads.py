@@ -95,3 +95,24 @@ def test_answer_token_is_the_first_token_after_the_query_line(tiny_gpt2):
     token = H.answer_token(tiny_gpt2.tokenizer, fmt, Example("a", ("b",)))
     full = tiny_gpt2.tokenizer(fmt.query("a") + fmt.answer("b")).input_ids
     assert token == full[-1]
+
+
+def test_the_task_study_is_cached_and_not_computed_again(tiny_gpt2, tmp_path, monkeypatch):
+    from taskvec.settings import Protocol
+    from taskvec.store import Store
+    from taskvec.tasks import Task
+
+    examples = tuple(Example(c, (c.upper(),)) for c in "abcdefghijklmnop")
+    task = Task("upper", "test", "lower to upper", "exact", examples)
+    tiny = Task("tiny", "test", "too few", "exact", examples[:3])
+    store = Store(tmp_path)
+    sizes = H.HeadSizes(n_mean=4, n_corrupt=3)
+    first = H.run(tiny_gpt2, [task, tiny], Protocol(), sizes, store=store, progress=False)
+    assert list(first) == ["upper"]  # the task with too few examples is skipped, not an error
+    result = first["upper"]
+    assert result.effect.shape == (3, tiny_gpt2.n_layers, tiny_gpt2.arch.head_shape(0)[0]) and len(result.regular) == 4
+    monkeypatch.setattr(H, "task_heads", lambda *a, **k: pytest.fail("a cached unit is not computed again"))
+    again = H.run(tiny_gpt2, [task, tiny], Protocol(), sizes, store=store, progress=False)
+    torch.testing.assert_close(again["upper"].effect, result.effect)
+    torch.testing.assert_close(again["upper"].means[1], result.means[1])
+    assert again["upper"].regular == result.regular

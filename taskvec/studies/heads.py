@@ -23,15 +23,22 @@ and prompts.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from pydantic import Field
+from tqdm import tqdm
 
 from .. import mechanism
-from ..models import TaskModel
-from ..prompts import FewShotPrompt
-from ..scoring import answer_start
-from ..tasks import Example
+from ..models import TaskModel, load_model
+from ..prompts import FewShotPrompt, TooFewExamples, sample_prompts
+from ..scoring import Scorer, answer_start
+from ..settings import Count, Protocol, Settings
+from ..store import Store, read_json, write_json
+from ..study import ModelRef, Skip, Study, cached
+from ..tasks import Example, Task
 
 
 def shuffled_labels(prompt: FewShotPrompt, seed: int | str = 0) -> FewShotPrompt:
@@ -110,3 +117,70 @@ def function_vector(model: TaskModel, means: Sequence[torch.Tensor], heads: Sequ
         raise ValueError("a function vector needs at least one head")
     values = [means[layer][head] for layer, head in heads]
     return mechanism.head_contributions(model, list(heads), values).sum(dim=0)
+
+
+# --- one task, cached ---------------------------------------------------------------------------------
+
+class HeadSizes(Settings):
+    """How many prompts the per-task head study uses (Todd et al.: 100 for the means, 25 corrupted)."""
+
+    n_mean: Count = Field(20, description="in-context prompts each head's mean output is taken over")
+    n_corrupt: Count = Field(10, description="shuffled-label prompts the indirect effect is averaged over")
+
+
+@dataclass
+class HeadsTaskResult:
+    """One task: each head's mean output, its indirect effect per corrupted prompt, and whether the model
+    answers the in-context prompts the means come from (Regular, per prompt)."""
+
+    means: list[torch.Tensor]  #: per layer (n_heads, head_dim)
+    effect: torch.Tensor  #: (n_corrupt, n_layers, n_heads)
+    regular: list[bool]  #: per in-context prompt: its answer is right
+
+    def save(self, folder: Path) -> None:
+        torch.save({"means": [m.contiguous() for m in self.means], "effect": self.effect.contiguous()},
+                   folder / "heads.pt")
+        write_json(folder / "regular.json", [bool(x) for x in self.regular])
+
+    @classmethod
+    def load(cls, folder: Path) -> "HeadsTaskResult":
+        saved = torch.load(folder / "heads.pt", weights_only=True)
+        return cls(list(saved["means"]), saved["effect"], [bool(x) for x in read_json(folder / "regular.json")])
+
+
+#: The heads study in the cache: one entry per (model, task, protocol, sizes).
+HEADS = Study("heads", HeadsTaskResult, ("studies/heads.py",))
+
+
+def task_heads(model: TaskModel, task: Task, protocol: Protocol, sizes: HeadSizes) -> HeadsTaskResult:
+    """Mean head outputs over ``sizes.n_mean`` in-context prompts of ``task`` (the protocol's shots and
+    format) and each head's indirect effect on ``sizes.n_corrupt`` shuffled-label prompts (other queries)."""
+    fmt, usable = protocol.usable(task, model.tokenizer)
+    try:
+        clean = sample_prompts(usable, sizes.n_mean, protocol.n_shots, protocol.seed, "heads-mean", 0)
+        corrupt = sample_prompts(usable, sizes.n_corrupt, protocol.n_shots, protocol.seed, "heads-corrupt", 0)
+    except TooFewExamples as error:
+        raise Skip(str(error)) from None
+    texts = [p.regular_text(fmt) for p in clean]
+    means = mean_head_outputs(model, texts, protocol.batch_size)
+    score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
+    regular = score(mechanism.next_tokens(model, texts, protocol.batch_size, "heads regular").tolist(),
+                    [p.query for p in clean])
+    bad = [shuffled_labels(p, protocol.seed).regular_text(fmt) for p in corrupt]
+    targets = [answer_token(model.tokenizer, fmt, p.query) for p in corrupt]
+    effect = indirect_effects(model, bad, targets, means, protocol.patch_batch_size)
+    return HeadsTaskResult(means, effect, list(regular))
+
+
+def run(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol, sizes: HeadSizes = HeadSizes(),
+        store: Store | None = None, loader=load_model, remote: bool | str = False,
+        progress: bool = True) -> dict[str, HeadsTaskResult]:
+    """:func:`task_heads` for every task, each cached in ``store`` when given; skipped tasks are left out."""
+    ref = ModelRef(model, loader, dtype=protocol.dtype, remote=remote)
+    out = {}
+    for task in tqdm(tasks, desc=f"heads ({ref.name})", unit="task", disable=not progress):
+        outcome = cached(HEADS, ref, task.name, lambda m, task=task: task_heads(m, task, protocol, sizes), store,
+                         task=task.identity(), protocol=protocol, sizes=sizes)
+        if not outcome.skipped:
+            out[task.name] = outcome.result
+    return out
