@@ -116,3 +116,66 @@ def test_the_task_study_is_cached_and_not_computed_again(tiny_gpt2, tmp_path, mo
     torch.testing.assert_close(again["upper"].effect, result.effect)
     torch.testing.assert_close(again["upper"].means[1], result.means[1])
     assert again["upper"].regular == result.regular
+
+
+def _upper_task(n=16):
+    from taskvec.tasks import Task
+
+    return Task("upper", "test", "lower to upper", "exact",
+                tuple(Example(c, (c.upper(),)) for c in "abcdefghijklmnopqrstuvwxyz"[:n]))
+
+
+def _constant_task():
+    from taskvec.tasks import Task
+
+    return Task("zed", "test", "anything to Z", "exact", tuple(Example(c, ("Z",)) for c in "abcdefghijklmnop"))
+
+
+def test_a_function_vector_that_writes_the_answer_does_the_task_and_a_zero_one_does_not(tiny_gpt2):
+    """Planted: every answer is Z; a vector along Z's unembedding row, added after the last layer, makes
+    every dev query answer Z; the zero vector leaves the queries' own answers (not Z)."""
+    from taskvec.settings import Protocol
+
+    model, protocol = tiny_gpt2, Protocol()
+    z = model.tokenizer("Z", add_special_tokens=False).input_ids[0]
+    writes_z = model.hf.lm_head.weight[z].detach() * 50
+    dev = H.fv_dev_sweep(model, _constant_task(), protocol, {1: writes_z, 2: torch.zeros(model.d_model)}, n_dev=8)
+    accuracy = dev.groupby(["k", "layer"])["correct"].mean()
+    assert accuracy[(1, model.n_layers - 1)] == 1.0
+    assert (accuracy.loc[2] == 0.0).all()
+    assert H.choose_fv(dev) == (1, int(accuracy.loc[1].idxmax()))
+
+
+def test_choose_fv_prefers_fewer_heads_then_earlier_layers_on_ties():
+    import pandas as pd
+
+    rows = [{"k": k, "layer": layer, "query": 0, "correct": ok}
+            for k, layer, ok in [(1, 0, False), (1, 3, True), (3, 2, True), (3, 1, True), (5, 0, True)]]
+    assert H.choose_fv(pd.DataFrame(rows)) == (1, 3)
+    rows.append({"k": 1, "layer": 3, "query": 1, "correct": False})  # (1, 3) now 0.5: the others win
+    assert H.choose_fv(pd.DataFrame(rows)) == (3, 1)
+
+
+def test_side_by_side_conditions_and_their_invariants(tiny_gpt2):
+    """With a zero FV, the FV on the query alone is Baseline exactly; every condition scores every query."""
+    from taskvec.settings import Protocol
+
+    frame = H.side_by_side(tiny_gpt2, _upper_task(), Protocol(), 1, torch.zeros(tiny_gpt2.d_model), 2, n_test=6)
+    assert list(frame["condition"].unique()) == list(H.CONDITIONS)
+    assert (frame.groupby("condition").size() == 6).all()
+    by = frame.pivot(index="query", columns="condition", values="correct")
+    assert by["fv_query"].tolist() == by["baseline"].tolist()
+
+
+def test_theta_fv_cosine_is_one_along_theta_minus_the_query_state_and_minus_one_against(tiny_gpt2):
+    from taskvec import mechanism
+    from taskvec.prompts import sample_prompts
+    from taskvec.settings import Protocol
+
+    model, protocol, task, layer = tiny_gpt2, Protocol(), _upper_task(), 2
+    fmt, usable = protocol.usable(task, model.tokenizer)
+    prompts = sample_prompts(usable, 5, protocol.n_shots, protocol.seed, "heads-test", protocol.n_dummies)
+    theta = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts])[:, layer].mean(0)
+    alone = mechanism.hidden_states(model, [p.query_text(fmt) for p in prompts])[:, layer].mean(0)
+    assert H.theta_fv_cosine(model, task, protocol, layer, theta - alone, n_prompts=5) == pytest.approx(1.0, abs=1e-5)
+    assert H.theta_fv_cosine(model, task, protocol, layer, alone - theta, n_prompts=5) == pytest.approx(-1.0, abs=1e-5)

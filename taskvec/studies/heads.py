@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import pandas as pd
 import torch
 from pydantic import Field
 from tqdm import tqdm
 
 from .. import mechanism
 from ..models import TaskModel, load_model
-from ..prompts import FewShotPrompt, TooFewExamples, sample_prompts
+from ..prompts import FewShotPrompt, TooFewExamples, sample_prompts, sample_queries
 from ..scoring import Scorer, answer_start
 from ..settings import Count, Protocol, Settings
 from ..store import Store, read_json, write_json
@@ -112,7 +113,12 @@ def top_heads(effect: torch.Tensor, k: int) -> list[tuple[int, int]]:
 
 def function_vector(model: TaskModel, means: Sequence[torch.Tensor], heads: Sequence[tuple[int, int]]) -> torch.Tensor:
     """(d_model,): the sum over ``heads`` of each head's mean output put through its layer's output
-    projection (:func:`taskvec.mechanism.head_contributions`)."""
+    projection (:func:`taskvec.mechanism.head_contributions`), as Todd et al. define it on GPT-J and Llama.
+
+    In families that normalise the attention output before adding it to the residual stream (Gemma 2 and
+    3's post-attention norm), the projected output is not yet what the head adds to the stream: that norm
+    acts on all heads together, so a single head's share is not defined by the projection alone.
+    """
     if not heads:
         raise ValueError("a function vector needs at least one head")
     values = [means[layer][head] for layer, head in heads]
@@ -184,3 +190,84 @@ def run(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol, sizes
         if not outcome.skipped:
             out[task.name] = outcome.result
     return out
+
+
+# --- the function vector beside θ -----------------------------------------------------------------------
+
+def fv_dev_sweep(model: TaskModel, task: Task, protocol: Protocol, vectors: Mapping[int, torch.Tensor],
+                 n_dev: int = 20) -> pd.DataFrame:
+    """Accuracy of each function vector (``vectors[k]``, (d_model,), from the top ``k`` heads) added at the
+    last token after every layer of ``n_dev`` dev queries alone. One row per (k, layer, query): k, layer,
+    query, correct. Every layer of one k is one batched sweep on cached prefixes."""
+    fmt, usable = protocol.usable(task, model.tokenizer)
+    queries = sample_queries(usable, n_dev, protocol.seed, "heads-dev")
+    texts = [q.query_text(fmt) for q in queries]
+    score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
+    rows = []
+    for k, fv in vectors.items():
+        patch = fv.reshape(1, 1, -1).expand(len(texts), model.n_layers, -1)
+        ids = mechanism.patched_next_tokens(model, texts, patch, range(model.n_layers), protocol.patch_batch_size,
+                                            "fv dev sweep", add=True)
+        for layer in range(model.n_layers):
+            for i, ok in enumerate(score(ids[layer].tolist(), [q.query for q in queries])):
+                rows.append({"k": int(k), "layer": layer, "query": i, "correct": bool(ok)})
+    return pd.DataFrame(rows, columns=["k", "layer", "query", "correct"])
+
+
+def choose_fv(dev: pd.DataFrame) -> tuple[int, int]:
+    """(k, layer) of the best dev accuracy in :func:`fv_dev_sweep`'s rows; ties go to fewer heads, then to
+    the earlier layer."""
+    accuracy = dev.groupby(["k", "layer"])["correct"].mean().reset_index()
+    best = accuracy.sort_values(["correct", "k", "layer"], ascending=[False, True, True]).iloc[0]
+    return int(best["k"]), int(best["layer"])
+
+
+#: The conditions of :func:`side_by_side`, in the order the book shows them.
+CONDITIONS = ("baseline", "regular", "hypothesis", "theta_added", "fv_query", "fv_shuffled")
+
+
+def side_by_side(model: TaskModel, task: Task, protocol: Protocol, layer: int, fv: torch.Tensor, fv_layer: int,
+                 n_test: int = 25) -> pd.DataFrame:
+    """The test queries of ``n_test`` prompts under every condition of :data:`CONDITIONS`: Baseline (the
+    query alone), Regular (the prompt), Hypothesis (θ of the prompt replacing the query's state after
+    ``layer``, the paper), θ added there instead, the FV added after ``fv_layer`` to the query alone, and
+    to the prompt with its answers shuffled. One row per (query, condition): query, condition, correct."""
+    fmt, usable = protocol.usable(task, model.tokenizer)
+    prompts = sample_prompts(usable, n_test, protocol.n_shots, protocol.seed, "heads-test", protocol.n_dummies)
+    queries = [p.query_text(fmt) for p in prompts]
+    shuffled = [shuffled_labels(p, protocol.seed).regular_text(fmt) for p in prompts]
+    theta, regular = mechanism.task_vectors_and_answers(model, [p.dummy_texts(fmt) for p in prompts],
+                                                        [p.regular_text(fmt) for p in prompts], protocol.batch_size,
+                                                        "heads extract + regular")
+    fvs = torch.zeros(len(prompts), model.n_layers, model.d_model)
+    fvs[:, fv_layer] = fv
+    ids = {
+        "baseline": mechanism.next_tokens(model, queries, protocol.batch_size, "heads baseline"),
+        "regular": regular,
+        "hypothesis": mechanism.patched_next_tokens(model, queries, theta, [layer], protocol.patch_batch_size,
+                                                    "heads hypothesis")[0],
+        "theta_added": mechanism.patched_next_tokens(model, queries, theta, [layer], protocol.patch_batch_size,
+                                                     "heads theta added", add=True)[0],
+        "fv_query": mechanism.patched_next_tokens(model, queries, fvs, [fv_layer], protocol.patch_batch_size,
+                                                  "heads fv", add=True)[0],
+        "fv_shuffled": mechanism.patched_next_tokens(model, shuffled, fvs, [fv_layer], protocol.patch_batch_size,
+                                                     "heads fv shuffled", add=True)[0],
+    }
+    score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
+    examples = [p.query for p in prompts]
+    rows = [{"query": i, "condition": condition, "correct": bool(ok)}
+            for condition in CONDITIONS for i, ok in enumerate(score(ids[condition].tolist(), examples))]
+    return pd.DataFrame(rows, columns=["query", "condition", "correct"])
+
+
+def theta_fv_cosine(model: TaskModel, task: Task, protocol: Protocol, layer: int, fv: torch.Tensor,
+                    n_prompts: int = 25) -> float:
+    """How much of θ the function vector points along: the cosine between θ minus the query-only state
+    (both after ``layer``, averaged over ``n_prompts`` prompts) and the FV."""
+    fmt, usable = protocol.usable(task, model.tokenizer)
+    prompts = sample_prompts(usable, n_prompts, protocol.n_shots, protocol.seed, "heads-test", protocol.n_dummies)
+    theta = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts], protocol.batch_size,
+                                   "heads cosine extract")[:, layer].mean(dim=0)
+    alone = mechanism.hidden_states(model, [p.query_text(fmt) for p in prompts], protocol.batch_size,
+                                    "heads cosine query")[:, layer].mean(dim=0)
+    return float(torch.nn.functional.cosine_similarity(theta - alone, fv.float(), dim=0))
