@@ -66,7 +66,7 @@ def test_every_module_lives_in_its_layer():
     assert top == {"arch", "compat", "errors", "experiment", "mechanism", "models", "prompts", "remote", "scoring",
                    "settings", "store", "study", "tasks"}
     assert {p.stem for p in (PACKAGE / "studies").glob("*.py")} - {"__init__"} == {
-        "analysis", "context", "long_answers", "stats", "verdicts"}
+        "analysis", "context", "heads", "long_answers", "stats", "verdicts"}
     assert {p.stem for p in (PACKAGE / "publishing").glob("*.py")} - {"__init__"} == {
         "book", "charts", "findings", "numbering", "paper", "runner", "schema", "sections"}
 
