@@ -10,7 +10,7 @@ exactly one place in the code knows it: the :class:`Arch` that :func:`resolve` f
 usual one, and otherwise finds the parts by structure (the one ``ModuleList`` of ``num_hidden_layers``
 blocks, the norm beside it, ``get_output_embeddings()``, the attention module of a block and its output
 projection). A family whose state is not a key/value cache, an encoder stack or an encoder-decoder is
-declined with its reason (:data:`DECLINED`, :func:`check_family`). :func:`validate` then checks on the
+declined with its reason (:data:`DECLINED`, :func:`check_family`). :func:`check_parts` then checks on the
 loaded model, with one short forward pass, that the parts are what they are taken for: the blocks' outputs
 carry the residual stream into the norm, the norm feeds the unembedding, the model's logits are the
 unembedding's output after the transformation :class:`Arch` knows of, and the cache holds only keys and
@@ -208,8 +208,7 @@ class Arch:
 
     def head_module(self, root: Any, layer: int) -> Any:
         """The output projection of ``layer``'s attention, whose input holds the heads side by side."""
-        if self.family in NO_HEADS:
-            raise UnsupportedArchitectureError(f"family {self.family!r} has no per-head access: {NO_HEADS[self.family]}")
+        self._require_heads()
         if self.attention is None or self.head_out is None:
             raise UnsupportedArchitectureError(
                 f"family {self.family!r}: no attention output projection was found, so per-head access is unavailable")
@@ -217,12 +216,15 @@ class Arch:
 
     def head_shape(self, layer: int) -> tuple[int, int]:
         """(n_heads, head_dim) of ``layer``'s attention output projection input."""
-        if self.family in NO_HEADS:
-            raise UnsupportedArchitectureError(f"family {self.family!r} has no per-head access: {NO_HEADS[self.family]}")
+        self._require_heads()
         if not self.heads:
             raise UnsupportedArchitectureError(
                 f"family {self.family!r}: the heads' shape is unknown, so per-head access is unavailable")
         return self.heads[layer]
+
+    def _require_heads(self) -> None:
+        if self.family in NO_HEADS:
+            raise UnsupportedArchitectureError(f"family {self.family!r} has no per-head access: {NO_HEADS[self.family]}")
 
     def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's logits from the unembedding's output: its scale, then its soft cap (argmax unchanged)."""
@@ -352,7 +354,6 @@ def resolve(model: torch.nn.Module, config: Any | None = None) -> Arch:
                 vocab_size=int(vocab_size), attention=attention,
                 head_out=head_out, heads=_head_shapes(model, layers, attention, head_out, config),
                 softcap=softcap, logit_scale=scale)
-    arch.validate(model)
     return arch
 
 

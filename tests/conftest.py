@@ -54,18 +54,24 @@ CONFIGS = {
 }
 
 
+def random_causal_lm(config) -> torch.nn.Module:
+    """The causal LM of ``config`` with seeded random float32 weights, in eval mode. Random init gives
+    near-uniform logits: matrices are scaled up so argmax answers are well separated."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    return hf.eval()
+
+
 def tiny_model(family: str, **changes):
     """The tiny random model of ``family``; ``changes`` set config attributes before it is built."""
     config = CONFIGS[family]()
     for key, value in changes.items():
         setattr(config, key, value)
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random init gives near-uniform logits; scale up so argmax answers are well separated.
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() >= 2:
-                p.mul_(3.0)
+    hf = random_causal_lm(config)
     return wrap(hf, char_tokenizer(), name=f"tiny-{family}", weights_sha256=f"random-init-seed0-x3-{family}")
 
 

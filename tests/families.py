@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import VOCAB  # the character tokenizer's size
+from conftest import VOCAB, random_causal_lm  # VOCAB: the character tokenizer's size
 
 GENERIC = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                head_dim=8, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
@@ -91,13 +91,7 @@ def tiny_family_model(model_type: str) -> torch.nn.Module:
         size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     if size > MAX_PARAMETERS:
         raise ValueError(f"{size:,} parameters with generic sizes (parts they do not reach stay full size)")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(3.0)
-    return model.eval()
+    return random_causal_lm(config)
 
 
 _STATUS_TITLES = {
