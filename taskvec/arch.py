@@ -195,6 +195,10 @@ class Arch:
     heads: tuple[tuple[int, int], ...] = ()  #: per layer (n_heads, head_dim) of the projection's input
     softcap: float | None = None  #: the forward's ``c * tanh(logits / c)`` after the unembedding, if any
     logit_scale: float = 1.0  #: the forward's multiplier of the unembedding's output
+    #: the norm a block applies to its attention output before adding it to the residual stream (Gemma 2 to 4,
+    #: OLMo 2 and 3, GLM 4, EXAONE 4, AFMoE, HyperCLOVA X: :func:`_find_head_norm`), from a block; None where the projected output
+    #: joins the stream as it is
+    head_norm: str | None = None
 
     def get(self, root: Any, path: str) -> Any:
         """Follow ``path`` from ``root`` (works on torch modules and nnsight envoys)."""
@@ -353,8 +357,30 @@ def resolve(model: torch.nn.Module, config: Any | None = None) -> Arch:
     arch = Arch(family=str(model_type), layers=layers, final_norm=final_norm, unembed=unembed, d_model=d_model,
                 vocab_size=int(vocab_size), attention=attention,
                 head_out=head_out, heads=_head_shapes(model, layers, attention, head_out, config),
-                softcap=softcap, logit_scale=scale)
+                softcap=softcap, logit_scale=scale,
+                head_norm=_find_head_norm(_get(model, layers)[0]) if attention else None)
     return arch
+
+
+#: Names of a norm that only the attention output goes through (a "sandwich" or post-norm block).
+_HEAD_NORMS = ("post_self_attn_layernorm", "post_norm1")
+
+
+def _find_head_norm(block: torch.nn.Module) -> str | None:
+    """The path, from a decoder block, of the norm its attention output goes through before the residual
+    stream, or None. ``post_attention_layernorm`` is that norm only in blocks that normalise the MLP's input
+    elsewhere (``pre_feedforward_layernorm``, ``pre_mlp_layernorm``) or have no input norm (OLMo 2's post-norm order); in a
+    pre-norm block (Llama) the same name is the MLP's input norm. :func:`check_parts` checks the choice on
+    the loaded model: the norm must take the attention projection's output, and nothing else may."""
+    names = {name for name, _ in block.named_children()}
+    for name in _HEAD_NORMS:
+        if name in names:
+            return name
+    if "post_attention_layernorm" in names and (
+            names & {"pre_feedforward_layernorm", "pre_mlp_layernorm"} or ("post_feedforward_layernorm" in names
+                                                     and "input_layernorm" not in names)):
+        return "post_attention_layernorm"
+    return None
 
 
 def skeleton(config: Any) -> torch.nn.Module:
@@ -399,6 +425,16 @@ def check_parts(model: torch.nn.Module, arch: Arch, input_ids: torch.Tensor) -> 
     if arch.heads:
         hooks.append(arch.head_module(model, 0).register_forward_pre_hook(
             lambda m, args: seen.__setitem__("heads_in", args[0] if args else None)))
+        hooks.append(arch.head_module(model, 0).register_forward_hook(
+            lambda m, args, out: seen.__setitem__("heads_out", out)))
+        takers = seen.setdefault("takers", [])
+        projection = arch.head_module(model, 0)
+        for path, module in blocks[0].named_modules():
+            if module is projection or not path or isinstance(module, (torch.nn.Dropout, torch.nn.Identity)):
+                continue
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, path=path: takers.append(path) if args and isinstance(args[0], torch.Tensor)
+                and args[0] is seen.get("heads_out") else None))
     try:
         out = model(input_ids=input_ids, use_cache=True)
     finally:
@@ -436,6 +472,12 @@ def check_parts(model: torch.nn.Module, arch: Arch, input_ids: torch.Tensor) -> 
         if not (isinstance(heads_in, torch.Tensor) and heads_in.dim() == 3 and heads_in.shape[-1] == n_heads * head_dim):
             raise UnsupportedArchitectureError(f"{name}: the input of '{arch.attention}.{arch.head_out}' is not the "
                                                f"{n_heads} heads side by side")
+        takers = [t for t in seen.get("takers", []) if not t.startswith(f"{arch.attention}.")]
+        if takers != ([arch.head_norm] if arch.head_norm else []):
+            raise UnsupportedArchitectureError(
+                f"{name}: the attention output goes through {', '.join(takers) or 'nothing'} before the residual "
+                f"stream, where taskvec expects {arch.head_norm or 'nothing'}, so a head's share of the stream "
+                "would be wrong")
 
 
 def residual(layer_output: Any) -> torch.Tensor:

@@ -15,13 +15,13 @@ import contextvars
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import nnsight
 import torch
 
 from . import remote
-from .arch import residual
+from .arch import UnsupportedArchitectureError, residual
 from .compat import select_cache_rows
 from .models import TaskModel
 
@@ -165,6 +165,15 @@ def patch_last_token_heads(model: TaskModel, layer: int, heads: Sequence[int], v
     _write_heads(model, layer, model.arch.head_module(model.nn, layer).input, [(heads, values, rows)])
 
 
+def _write_heads_at(model: TaskModel, layer: int, inputs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                    heads: Sequence[int], values: torch.Tensor) -> None:
+    """Write ``values`` (len(heads), head_dim) into ``inputs`` (the input of ``layer``'s output projection) at
+    each row's own position (right-padded texts end at different positions)."""
+    _, head_dim = model.arch.head_shape(layer)
+    for j, head in enumerate(heads):
+        inputs[rows, positions, head * head_dim:(head + 1) * head_dim] = values[j]
+
+
 def _write_heads(model: TaskModel, layer: int, inputs: torch.Tensor, writes) -> None:
     """Write ``(heads, values, rows)`` blocks into ``inputs``, the input of ``layer``'s output projection."""
     _, head_dim = model.arch.head_shape(layer)
@@ -284,7 +293,10 @@ class ProjectPayload:
     """One trace of :func:`_project_session`: head outputs put through their layer's output projection."""
 
     inputs: dict[str, torch.Tensor]  #: a one-token input, (1, 1): the trace only gives the projections a place to run
-    items: tuple  #: (layer, x) pairs, x (n, n_heads * head_dim) placed for the model (:func:`_placed`)
+    items: tuple  #: (layer, x, full): x (n, n_heads * head_dim) placed for the model (:func:`_placed`); full
+    #: (1, n_heads * head_dim), the heads whose summed projection fixes the scale of the layer's attention-output
+    #: norm (``arch.head_norm``), or None without one
+    eps: float = 0.0  #: that norm's epsilon
 
 
 @dataclass(**_WIRE)
@@ -321,6 +333,9 @@ class PrefixPayload:
     step: dict[str, torch.Tensor]  #: input_ids, position_ids (n_rows, rest_len) right padded; attention_mask (n_rows, prefix_len + rest_len)
     rows: torch.Tensor  #: (n_rows,) long, group-major: the prefix row each text continues
     last: torch.Tensor  #: (n_rows,) long: the index in ``step`` of each text's last real token
+    #: (layer, heads, values) blocks: those heads' outputs at each text's last token set to values,
+    #: (len(heads), head_dim) placed for the model, the same in every row (:func:`prompt_states`' ``heads``)
+    heads: tuple = ()
 
 
 @dataclass(**_WIRE)
@@ -372,9 +387,15 @@ def _project_session(model: TaskModel, payloads: Sequence[ProjectPayload]) -> li
         for payload in payloads:
             with model.nn.trace(payload.inputs, logits_to_keep=1):
                 out = []
-                for layer, x in payload.items:
+                for layer, x, full in payload.items:
                     proj = model.arch.head_module(model.nn, layer)
-                    out.append((proj(x) - proj(torch.zeros_like(x[:1]))).float())
+                    share = (proj(x) - proj(torch.zeros_like(x[:1]))).float()
+                    if full is not None:  # the norm's output times the share's RMS is its input times the weight
+                        norm = model.arch.get(model.arch.layer_modules(model.nn)[layer], model.arch.head_norm)
+                        rms = (share.pow(2).mean(-1, keepdim=True) + payload.eps).sqrt()
+                        scale = (proj(full).float().pow(2).mean(-1, keepdim=True) + payload.eps).sqrt()
+                        share = norm(share[:, None, :])[:, 0].float() * rms / scale
+                    out.append(share)
                 values.append(out)
     return remote.wait(job)["values"] if job is not None else values
 
@@ -436,6 +457,9 @@ def _prefix_session(model: TaskModel, payloads: Sequence[PrefixPayload]) -> list
             with model.nn.trace(payload.step, past_key_values=select_cache_rows(cache, payload.rows), use_cache=True, logits_to_keep=1):
                 reads = []
                 for layer in range(top + 1):
+                    for at_layer, heads, head_values in payload.heads:
+                        if at_layer == layer:
+                            _write_heads_at(model, layer, model.arch.head_module(model.nn, layer).input, at, payload.last, heads, head_values)
                     hidden = residual(layer_modules[layer].output)
                     reads.append(hidden[at, payload.last])
                     if layer == top:
@@ -549,7 +573,8 @@ def next_tokens(model: TaskModel, texts: Sequence[str], batch_size: int = 64, ph
 
 @torch.no_grad()
 def prompt_states(model: TaskModel, groups: Sequence[Sequence[str]], batch_size: int = 64,
-                  phase: str = "extract") -> tuple[torch.Tensor, torch.Tensor]:
+                  phase: str = "extract", heads: Mapping[int, tuple[Sequence[int], torch.Tensor]] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """For groups of texts that share a beginning (the demonstrations of one few-shot prompt, followed by
     each of its dummy queries, and by its query): the residual stream after every layer at each text's
     last token, (n_groups, k, n_layers, d_model) float32, and each text's greedy next token, (n_groups, k).
@@ -557,7 +582,17 @@ def prompt_states(model: TaskModel, groups: Sequence[Sequence[str]], batch_size:
     Each group's shared prefix (the longest common run of token ids) is computed once, batched across
     groups; each text's own tokens then run on a copy of its group's key/value cache. Every group has
     the same number ``k`` of texts; a batch holds at most ``batch_size`` texts.
+
+    ``heads``: layer -> (heads, values (len(heads), head_dim)): those attention heads' outputs at each text's
+    last token are set to ``values`` (before the output projection), in every text, while its states are read
+    (an ablation: θ read without what those heads write at the last token).
     """
+    writes = tuple((int(layer), tuple(int(h) for h in ids), _placed(model, values))
+                   for layer, (ids, values) in sorted((heads or {}).items()))
+    for layer, ids, values in writes:
+        _, head_dim = _check_heads(model, layer, list(ids))
+        if tuple(values.shape) != (len(ids), head_dim):
+            raise ValueError(f"the values of layer {layer}'s heads must be ({len(ids)}, {head_dim}), got {tuple(values.shape)}")
     sizes = {len(g) for g in groups}
     if len(sizes) != 1 or 0 in sizes:
         raise ValueError("every group needs the same, non-zero number of texts")
@@ -574,8 +609,9 @@ def prompt_states(model: TaskModel, groups: Sequence[Sequence[str]], batch_size:
         select = torch.arange(len(chosen)).repeat_interleave(k)  # group-major rows
         step, last = _continuation(prefix["attention_mask"][select], [t for g in chosen for t in splits[g][1]], pad)
         tokens = int(prefix["attention_mask"].sum()) + sum(len(t) for g in chosen for t in splits[g][1])
-        units.append(_Unit(payload=PrefixPayload(prefix=prefix, step=step, rows=select, last=last),
-                           result_bytes=len(chosen) * k * row_bytes, sent_bytes=_sent_bytes(prefix, step, select, last),
+        units.append(_Unit(payload=PrefixPayload(prefix=prefix, step=step, rows=select, last=last, heads=writes),
+                           result_bytes=len(chosen) * k * row_bytes,
+                           sent_bytes=_sent_bytes(prefix, step, select, last, *[v for _, _, v in writes]),
                            traces=2, rows=len(chosen) * (k + 1), tokens=tokens, heads=len(chosen) * k))
         members.append(chosen)
     values = _requests(model, phase, units, _prefix_session)
@@ -593,10 +629,11 @@ def hidden_states(model: TaskModel, texts: Sequence[str], batch_size: int = 64, 
 
 
 def task_vectors(model: TaskModel, dummy_texts: Sequence[Sequence[str]], batch_size: int = 64,
-                 phase: str = "extract") -> torch.Tensor:
+                 phase: str = "extract", heads: Mapping[int, tuple[Sequence[int], torch.Tensor]] | None = None,
+                 ) -> torch.Tensor:
     """θ for every prompt and layer, (n_prompts, n_layers, d_model): the mean over each prompt's dummy
-    queries, their shared demonstrations computed once (:func:`prompt_states`)."""
-    return prompt_states(model, dummy_texts, batch_size, phase)[0].mean(dim=1)
+    queries, their shared demonstrations computed once (:func:`prompt_states`; ``heads`` as there)."""
+    return prompt_states(model, dummy_texts, batch_size, phase, heads)[0].mean(dim=1)
 
 
 def task_vectors_and_answers(model: TaskModel, dummy_texts: Sequence[Sequence[str]], regular_texts: Sequence[str],
@@ -831,13 +868,22 @@ def head_sweep_probs(model: TaskModel, texts: Sequence[str], targets: Sequence[i
 
 
 @torch.no_grad()
-def head_contributions(model: TaskModel, heads: Sequence[tuple[int, int]], values: Sequence[torch.Tensor]) -> torch.Tensor:
+def head_contributions(model: TaskModel, heads: Sequence[tuple[int, int]], values: Sequence[torch.Tensor],
+                       context: Mapping[int, torch.Tensor] | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """What each head adds to the residual stream when its output is ``values[i]``: (len(heads), d_model).
 
     ``heads``: (layer, head) pairs; ``values[i]``: (head_dim,). Each value is put alone (the layer's other
     heads at zero) through its layer's attention output projection, inside a trace so it runs wherever the
     model does; a bias of the projection is not counted. The sum over a task's top heads of their mean
     outputs so projected is the function vector of Todd et al. (2024).
+
+    Where a block normalises its attention output before the residual stream (``arch.head_norm``: Gemma 2
+    to 4, OLMo 2 and 3, ...), that norm divides all heads together by the root mean square of their summed
+    projection, so one head's share depends on the others. ``context[layer]``, (n_heads, head_dim), gives
+    the outputs of all the layer's heads that fix that scale (for a function vector: every head's mean), and
+    a head's share is its projection times the norm's weight over that scale: the shares of all heads (and
+    the bias's) then sum to the norm's output for ``context`` exactly. Such a layer without ``context`` is an
+    error.
     """
     if len(heads) != len(values):
         raise ValueError(f"one value per head ({len(heads)}), got {len(values)}")
@@ -853,16 +899,41 @@ def head_contributions(model: TaskModel, heads: Sequence[tuple[int, int]], value
         rows.append(x)
     if not rows:
         return torch.empty(0, model.d_model)
-    items = tuple((layer, _placed(model, torch.stack([rows[i] for i in members])))
+    scales = {}
+    if model.arch.head_norm:
+        for layer in by_layer:
+            if context is None or (isinstance(context, Mapping) and layer not in context):
+                raise ValueError(f"{model.arch.family}: the attention output of layer {layer} goes through "
+                                 f"'{model.arch.head_norm}' before the residual stream, so a head's share needs "
+                                 "the outputs of all its heads (context) to fix the norm's scale")
+            full = context[layer]
+            if tuple(full.shape) != model.arch.head_shape(layer):
+                raise ValueError(f"context[{layer}] must be (n_heads, head_dim)={model.arch.head_shape(layer)}, "
+                                 f"got {tuple(full.shape)}")
+            scales[layer] = _placed(model, full.reshape(1, -1))
+    items = tuple((layer, _placed(model, torch.stack([rows[i] for i in members])), scales.get(layer))
                   for layer, members in by_layer.items())
     enc = encode(model, [model.tokenizer.decode([model.tokenizer.pad_token_id])])
-    unit = _Unit(payload=ProjectPayload(inputs=enc, items=items), result_bytes=4 * model.d_model * len(rows),
-                 sent_bytes=_sent_bytes(enc, *[x for _, x in items]), traces=1, rows=1, tokens=1, heads=0)
+    unit = _Unit(payload=ProjectPayload(inputs=enc, items=items, eps=_head_norm_eps(model)),
+                 result_bytes=4 * model.d_model * len(rows),
+                 sent_bytes=_sent_bytes(enc, *[x for _, x, _ in items]), traces=1, rows=1, tokens=1, heads=0)
     results = _requests(model, "head contributions", [unit], _project_session)[0]
     out = torch.empty(len(rows), model.d_model)
     for (layer, members), value in zip(by_layer.items(), results):
         out[members] = value.cpu().float()
     return out
+
+
+def _head_norm_eps(model: TaskModel) -> float:
+    """The epsilon of the blocks' attention-output norm (its root mean square adds it), 0 without one."""
+    if not model.arch.head_norm:
+        return 0.0
+    norm = model.arch.get(model.arch.layer_modules(model.hf)[0], model.arch.head_norm)
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        if isinstance(getattr(norm, name, None), (int, float)):
+            return float(getattr(norm, name))
+    raise UnsupportedArchitectureError(f"{model.arch.family}: the epsilon of '{model.arch.head_norm}' is unknown, "
+                                       "so a head's share of its output cannot be computed")
 
 
 _STOP_IDS: dict[tuple[int, str], list[int]] = {}

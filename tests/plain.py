@@ -109,3 +109,35 @@ def plain_generate(model, text: str, steps: int, layer: int | None = None, vecto
         if hook is not None:
             hook.remove()
     return out
+
+
+def plain_attention_share(model, text: str, layer: int) -> torch.Tensor:
+    """(d_model,): what ``layer``'s attention adds to the residual stream at the last token: the output
+    projection's output, through the block's attention-output norm where it has one (``arch.head_norm``)."""
+    seen = {}
+    block = model.arch.layer_modules(model.hf)[layer]
+    module = model.arch.get(block, model.arch.head_norm) if model.arch.head_norm else model.arch.head_module(model.hf, layer)
+    hook = module.register_forward_hook(lambda mod, args, out: seen.__setitem__("x", out[0, -1].clone()))
+    try:
+        plain_logits(model, text)
+    finally:
+        hook.remove()
+    return seen["x"]
+
+
+def plain_last_hidden_with_heads(model, text: str, layer: int, heads, values: torch.Tensor) -> torch.Tensor:
+    """(n_layers, d_model) as :func:`plain_last_hidden`, with ``heads`` of ``layer`` at the last token set to
+    ``values`` (len(heads), head_dim) in the input of the attention output projection (a plain pre-hook)."""
+    _, head_dim = model.arch.head_shape(layer)
+
+    def replace(mod, args):
+        x = args[0].clone()
+        for j, head in enumerate(heads):
+            x[:, -1, head * head_dim:(head + 1) * head_dim] = values[j]
+        return (x, *args[1:])
+
+    hook = model.arch.head_module(model.hf, layer).register_forward_pre_hook(replace)
+    try:
+        return plain_last_hidden(model, text)
+    finally:
+        hook.remove()

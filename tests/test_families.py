@@ -26,7 +26,7 @@ from taskvec.models import wrap
 import families
 from families import readme_section
 from conftest import char_tokenizer
-from plain import (plain_generate, plain_head_patched_logits, plain_heads, plain_last_hidden, plain_logits,
+from plain import (plain_attention_share, plain_generate, plain_head_patched_logits, plain_heads, plain_last_hidden, plain_logits,
                    plain_patched_logits)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,20 @@ def golden(model) -> None:
         torch.testing.assert_close(written[i], plain_head_patched_logits(model, text, 0, chosen, values[i]),
                                    atol=ATOL, rtol=RTOL)
     assert not torch.allclose(written, logits, atol=1e-3), "the head write changed nothing"
+    # Each head's share of what the last layer's attention adds to the stream (through the block's
+    # attention-output norm where it has one): with a text's own heads, the shares sum to it, less the bias.
+    n_heads, _ = model.arch.head_shape(layer)
+    own = heads[1][0]
+    shares = mechanism.head_contributions(model, [(layer, h) for h in range(n_heads)], list(own), {layer: own})
+    proj = model.arch.head_module(model.hf, layer)
+    with torch.no_grad():
+        zero, whole = proj(torch.zeros(1, own.numel()))[0], proj(own.reshape(1, -1))[0]
+        gain = torch.ones_like(whole)
+        if model.arch.head_norm:
+            norm = model.arch.get(model.arch.layer_modules(model.hf)[layer], model.arch.head_norm)
+            gain = norm(whole[None, None])[0, 0] / whole
+    torch.testing.assert_close(shares.sum(0), plain_attention_share(model, TEXTS[0], layer) - zero * gain,
+                               atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("model_type", TYPES)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from taskvec import mechanism
-from plain import plain_last_hidden, plain_patched_logits
+from plain import (plain_attention_share, plain_heads, plain_last_hidden, plain_last_hidden_with_heads,
+                   plain_patched_logits)
 
 TEXTS = ["example:a->b\nexample:c->", "example:hot->cold\nexample:up->down\nexample:big->", "example:x->"]
 ATOL, RTOL = 1e-5, 1e-4
@@ -140,20 +141,64 @@ def test_add_mode_adds_to_the_residual_stream(tiny):
         torch.testing.assert_close(got[i], want, atol=ATOL, rtol=RTOL)
 
 
-def test_head_contributions_are_each_heads_share_of_the_output_projection(tiny):
-    """A head's contribution is its slice of the projection applied to its value, without the bias: for GPT-2's
-    Conv1D and for Linear projections alike; the sum over all heads of a layer is the projection's output
-    minus its bias."""
-    torch.manual_seed(4)
+def test_head_contributions_are_each_heads_share_of_what_attention_adds(tiny):
+    """A head's contribution is its slice of the projection applied to its value, without the bias (GPT-2's
+    Conv1D and Linear projections alike); where the block normalises the attention output (Gemma 3's
+    post-attention norm), that times the norm's weight over the scale of all heads together (``context``).
+    With a text's own heads, the shares of all heads sum to what the layer's attention adds to the stream at
+    its last token (the norm's output, or the projection's), less the bias."""
     layer = tiny.n_layers - 1
+    text = TEXTS[1]
     n_heads, head_dim = tiny.arch.head_shape(layer)
-    values = torch.randn(n_heads, head_dim)
-    got = mechanism.head_contributions(tiny, [(layer, h) for h in range(n_heads)], list(values))
+    values = plain_heads(tiny, text, layer)
+    context = {layer: values}
+    got = mechanism.head_contributions(tiny, [(layer, h) for h in range(n_heads)], list(values), context)
     proj = tiny.arch.head_module(tiny.hf, layer)
     with torch.no_grad():
-        whole = proj(values.reshape(1, -1)) - proj(torch.zeros(1, n_heads * head_dim))
+        zero = proj(torch.zeros(1, n_heads * head_dim))[0]
+        whole = proj(values.reshape(1, -1))[0]
+        if tiny.arch.head_norm:  # the norm's output over its input: its weight over the scale of all heads
+            norm = tiny.arch.get(tiny.arch.layer_modules(tiny.hf)[layer], tiny.arch.head_norm)
+            gain = norm(whole[None, None])[0, 0] / whole
+            assert tiny.arch.family == "gemma3_text" and not torch.count_nonzero(zero)
+        else:
+            gain = torch.ones_like(whole)
         for h in range(n_heads):
             alone = torch.zeros(1, n_heads * head_dim)
             alone[0, h * head_dim:(h + 1) * head_dim] = values[h]
-            torch.testing.assert_close(got[h], (proj(alone) - proj(torch.zeros_like(alone)))[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got.sum(0), whole[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got[h], (proj(alone)[0] - zero) * gain, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.sum(0), plain_attention_share(tiny, text, layer) - zero * gain, atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_a_normed_attention_output_needs_the_heads_context(tiny):
+    """Gemma 3 normalises its attention output: a head's share without the other heads' outputs is refused,
+    naming the norm; elsewhere no context is needed."""
+    n_heads, head_dim = tiny.arch.head_shape(0)
+    call = lambda: mechanism.head_contributions(tiny, [(0, 1)], [torch.ones(head_dim)])
+    if tiny.arch.head_norm:
+        with pytest.raises(ValueError, match="post_attention_layernorm"):
+            call()
+        with pytest.raises(ValueError, match="context"):
+            mechanism.head_contributions(tiny, [(0, 1)], [torch.ones(head_dim)], {0: torch.ones(n_heads + 1, head_dim)})
+    else:
+        assert call().shape == (1, tiny.d_model)
+
+
+def test_theta_read_with_heads_set_equals_plain_hooks(tiny):
+    """θ read with some heads' last-token outputs set (the heads study's ablated extraction) equals plain
+    pre-hooks on each unpadded text, averaged over a prompt's dummies; shared prefixes and batching change
+    nothing, and the heads do change θ."""
+    torch.manual_seed(6)
+    groups = [[t, t + "a"] for t in TEXTS]
+    n_heads, head_dim = tiny.arch.head_shape(1)
+    values = torch.randn(2, head_dim) * 5
+    got = mechanism.task_vectors(tiny, groups, batch_size=3, heads={1: ([n_heads - 1, 0], values)})
+    for i, group in enumerate(groups):
+        want = torch.stack([plain_last_hidden_with_heads(tiny, t, 1, [n_heads - 1, 0], values) for t in group]).mean(0)
+        torch.testing.assert_close(got[i], want, atol=ATOL, rtol=RTOL)
+    plain = mechanism.task_vectors(tiny, groups, batch_size=3)
+    assert not torch.allclose(got[:, 1:], plain[:, 1:], atol=1e-3)
+    torch.testing.assert_close(got[:, 0], plain[:, 0])  # layers before the written one are untouched
+    with pytest.raises(ValueError, match="must be"):
+        mechanism.task_vectors(tiny, groups, heads={1: ([0], values)})

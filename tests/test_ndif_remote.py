@@ -89,9 +89,12 @@ def test_new_families_remote_equal_local(ndif_server, model_type):
         "head patch": lambda m: mechanism.head_patched_next_tokens(m, TEXTS, 1, [0, 3], values, return_logits=True),
         "head sweep": lambda m: torch.cat([p.flatten() for p in mechanism.head_sweep_probs(
             m, TEXTS, [5, 6, 7, 8], sweep_values, [0, 1], batch_size=9)]),
-        "head contributions": lambda m: mechanism.head_contributions(m, [(0, 1), (1, 3), (1, 0)],
-                                                                     [sweep_values[0][1], sweep_values[1][3], sweep_values[1][0]]),
+        "head contributions": lambda m: mechanism.head_contributions(
+            m, [(0, 1), (1, 3), (1, 0)], [sweep_values[0][1], sweep_values[1][3], sweep_values[1][0]],
+            context=dict(enumerate(sweep_values))),  # OLMo 3 normalises the attention output: the scale's heads
         "add": lambda m: mechanism.patched_next_tokens(m, TEXTS, vectors, [1], return_logits=True, add=True),
+        "theta, heads set": lambda m: mechanism.task_vectors(m, [[t, t + "a"] for t in TEXTS], batch_size=3,
+                                                             heads={1: ([0, 3], values[0])}),
     }.items():
         a, b = call(far), call(near)
         if a.dtype == torch.long:
