@@ -75,7 +75,9 @@ def test_top_heads_are_ordered_and_checked():
         H.top_heads(effect, 5)
 
 
-def test_function_vector_is_the_sum_of_the_heads_projected_means(tiny):
+def test_function_vector_is_the_sum_of_the_heads_shares(tiny):
+    """The FV is the sum of the chosen heads' projected means; where the block normalises its attention output
+    (Gemma 3), each times the norm's weight over the scale of all the layer's heads at their means."""
     means = H.mean_head_outputs(tiny, TEXTS)
     chosen = [(0, 1), (tiny.n_layers - 1, 0), (0, 0)]
     fv = H.function_vector(tiny, means, chosen)
@@ -86,7 +88,12 @@ def test_function_vector_is_the_sum_of_the_heads_projected_means(tiny):
         x[0, head * head_dim:(head + 1) * head_dim] = means[layer][head]
         proj = tiny.arch.head_module(tiny.hf, layer)
         with torch.no_grad():
-            want += (proj(x) - proj(torch.zeros_like(x)))[0]
+            share = (proj(x) - proj(torch.zeros_like(x)))[0]
+            if tiny.arch.head_norm:
+                whole = proj(means[layer].reshape(1, -1))[0]
+                norm = tiny.arch.get(tiny.arch.layer_modules(tiny.hf)[layer], tiny.arch.head_norm)
+                share = share * norm(whole[None, None])[0, 0] / whole
+        want += share
     torch.testing.assert_close(fv, want, atol=1e-4, rtol=1e-4)
 
 
@@ -161,7 +168,7 @@ def test_side_by_side_conditions_and_their_invariants(tiny_gpt2):
     from taskvec.settings import Protocol
 
     frame = H.side_by_side(tiny_gpt2, _upper_task(), Protocol(), 1, torch.zeros(tiny_gpt2.d_model), 2, n_test=6)
-    assert list(frame["condition"].unique()) == list(H.CONDITIONS)
+    assert list(frame["condition"].unique()) == list(H.CONDITIONS[:-1])  # no heads to ablate given
     assert (frame.groupby("condition").size() == 6).all()
     by = frame.pivot(index="query", columns="condition", values="correct")
     assert by["fv_query"].tolist() == by["baseline"].tolist()
@@ -179,3 +186,50 @@ def test_theta_fv_cosine_is_one_along_theta_minus_the_query_state_and_minus_one_
     alone = mechanism.hidden_states(model, [p.query_text(fmt) for p in prompts])[:, layer].mean(0)
     assert H.theta_fv_cosine(model, task, protocol, layer, theta - alone, n_prompts=5) == pytest.approx(1.0, abs=1e-5)
     assert H.theta_fv_cosine(model, task, protocol, layer, alone - theta, n_prompts=5) == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_heads_after_thetas_layer_cannot_change_it_and_heads_before_can(tiny_gpt2):
+    """The ablated Hypothesis reads θ after ``layer``: heads set in a later layer leave it exactly Hypothesis,
+    heads set in an earlier one (large values) change θ, so the condition measures what it says."""
+    from taskvec.settings import Protocol
+
+    n_heads, head_dim = tiny_gpt2.arch.head_shape(0)
+    big = torch.full((n_heads, head_dim), 50.0)
+    args = (tiny_gpt2, _upper_task(), Protocol(), 1, torch.zeros(tiny_gpt2.d_model), 2)
+    later = H.side_by_side(*args, n_test=8, ablate={3: (list(range(n_heads)), big)})
+    by = later.pivot(index="query", columns="condition", values="correct")
+    assert list(later["condition"].unique()) == list(H.CONDITIONS)
+    assert by["hypothesis_ablated"].tolist() == by["hypothesis"].tolist()
+    from taskvec import mechanism
+    fmt, usable = Protocol().usable(_upper_task(), tiny_gpt2.tokenizer)
+    prompts = H.test_prompts(_upper_task(), Protocol(), tiny_gpt2.tokenizer, 8)
+    dummies = [p.dummy_texts(fmt) for p in prompts]
+    plain = mechanism.task_vectors(tiny_gpt2, dummies)
+    earlier = mechanism.task_vectors(tiny_gpt2, dummies, heads={0: (list(range(n_heads)), big)})
+    assert not torch.allclose(plain[:, 1], earlier[:, 1], atol=1e-2)
+
+
+def test_the_fv_study_is_cached_ranked_over_tasks_done_in_context_and_tested_on_unseen_queries(tiny_gpt2, tmp_path,
+                                                                                               monkeypatch):
+    from taskvec.settings import Protocol
+    from taskvec.store import Store
+
+    store, task, protocol = Store(tmp_path), _upper_task(26), Protocol(n_shots=3)
+    sizes, fv_sizes = H.HeadSizes(n_mean=4, n_corrupt=3), H.FvSizes(ks=[1, 2], n_dev=5, n_test=6, n_ablate=2)
+    first = H.run_all(tiny_gpt2, [task], protocol, {"upper": 1}, sizes, fv_sizes, store=store, progress=False)
+    fv = first.fv["upper"]
+    assert fv.k in (1, 2) and 0 <= fv.fv_layer < tiny_gpt2.n_layers and -1 <= fv.cosine <= 1
+    assert set(fv.side["condition"]) == set(H.CONDITIONS) and len(fv.side) == 6 * len(H.CONDITIONS)
+    assert len(fv.dev) == 2 * tiny_gpt2.n_layers * 5 and len(first.ranking) == 2
+    # the ranking is over the tasks done in context, or over all when the model (random here) does none
+    assert first.ranked_on == ([t for t, ok in first.does_icl.items() if ok] or ["upper"])
+    effect = H.effect_table(first)
+    assert set(effect["task"]) == {"upper", "average"} and len(effect) == 2 * tiny_gpt2.n_layers * 4
+    table = H.conditions_table(first)
+    assert set(table["task"]) == {"upper", "all"} and (table["n"] == 6).all()
+    test = H.paired(first, "fv_query", "baseline")
+    assert test["n"] == 6 and 0 <= test["p_value"] <= 1
+    monkeypatch.setattr(H, "task_fv", lambda *a, **k: pytest.fail("a cached unit is not computed again"))
+    monkeypatch.setattr(H, "task_heads", lambda *a, **k: pytest.fail("a cached unit is not computed again"))
+    again = H.run_all(tiny_gpt2, [task], protocol, {"upper": 1}, sizes, fv_sizes, store=store, progress=False)
+    assert again.fv["upper"].side.equals(fv.side) and again.fv["upper"].k == fv.k and again.ranking == first.ranking

@@ -74,6 +74,21 @@ def test_control_verdict_flips_with_the_test_and_names_no_mechanism():
         assert "cache" not in text and "because" not in text
 
 
+def test_paired_accuracy_verdict_flips_with_the_test():
+    assert V.paired_accuracy_verdict("FV", "Baseline", 0.6, 0.1, 50, 1e-6).startswith("FV gets more answers right")
+    assert "gets fewer answers right" in V.paired_accuracy_verdict("FV", "Baseline", 0.1, 0.6, 50, 1e-6)
+    null = V.paired_accuracy_verdict("FV", "Baseline", 0.14, 0.1, 50, 0.5)
+    assert "no detectable difference" in null and "not a proof" in null
+    assert "No query" in V.paired_accuracy_verdict("FV", "Baseline", float("nan"), float("nan"), 0, 1.0)
+
+
+def test_top_head_share_counts_the_tasks_a_head_tops():
+    assert V.top_head_share({"a": (9, 3), "b": (9, 3), "c": (5, 0)}) == ((9, 3), 2)
+    assert V.top_head_share({"a": (9, 3), "b": (5, 0), "c": (5, 0)}) == ((5, 0), 2)  # flips with the data
+    assert V.top_head_share({"a": (9, 3), "b": (5, 0)}) == ((5, 0), 1)  # a tie goes to the earlier layer
+    assert V.top_head_share({}) == (None, 0)
+
+
 def test_grade_layer_flips_at_the_paper_range_and_the_middle():
     assert V.grade_layer(0.4, 0.6, 0.3, 0.5) == "reproduced"  # overlaps
     assert V.grade_layer(0.6, 0.7, 0.3, 0.5) == "partly"  # later, still in the middle

@@ -22,6 +22,7 @@ and prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,10 @@ from ..models import TaskModel, load_model
 from ..prompts import FewShotPrompt, TooFewExamples, sample_prompts, sample_queries
 from ..scoring import Scorer, answer_start
 from ..settings import Count, Protocol, Settings
-from ..store import Store, read_json, write_json
+from ..errors import SettingError
+from ..store import Store, read_json, read_records, write_json, write_records
 from ..study import ModelRef, Skip, Study, cached
+from . import stats
 from ..tasks import Example, Task
 
 
@@ -112,17 +115,20 @@ def top_heads(effect: torch.Tensor, k: int) -> list[tuple[int, int]]:
 
 
 def function_vector(model: TaskModel, means: Sequence[torch.Tensor], heads: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """(d_model,): the sum over ``heads`` of each head's mean output put through its layer's output
-    projection (:func:`taskvec.mechanism.head_contributions`), as Todd et al. define it on GPT-J and Llama.
+    """(d_model,): the sum over ``heads`` of what each head's mean output adds to the residual stream, as
+    Todd et al. define it on GPT-J and Llama (the mean put through its layer's output projection:
+    :func:`taskvec.mechanism.head_contributions`).
 
-    In families that normalise the attention output before adding it to the residual stream (Gemma 2 and
-    3's post-attention norm), the projected output is not yet what the head adds to the stream: that norm
-    acts on all heads together, so a single head's share is not defined by the projection alone.
+    In families that normalise the attention output before adding it to the stream (``arch.head_norm``:
+    Gemma 2 to 4's post-attention norm, OLMo 2's post-norm), the projected mean is not yet what a head adds:
+    the norm divides all heads together by the root mean square of their sum. There a head's share is its
+    projected mean times the norm's weight, over the scale of all heads' projected means together (every
+    head at its mean, ``means``), so the shares of all heads sum to the norm's output for the mean heads.
     """
     if not heads:
         raise ValueError("a function vector needs at least one head")
     values = [means[layer][head] for layer, head in heads]
-    return mechanism.head_contributions(model, list(heads), values).sum(dim=0)
+    return mechanism.head_contributions(model, list(heads), values, context=means).sum(dim=0)
 
 
 # --- one task, cached ---------------------------------------------------------------------------------
@@ -142,16 +148,18 @@ class HeadsTaskResult:
     means: list[torch.Tensor]  #: per layer (n_heads, head_dim)
     effect: torch.Tensor  #: (n_corrupt, n_layers, n_heads)
     regular: list[bool]  #: per in-context prompt: its answer is right
+    corrupt_means: list[torch.Tensor]  #: per layer (n_heads, head_dim): the means over the shuffled-label prompts
 
     def save(self, folder: Path) -> None:
-        torch.save({"means": [m.contiguous() for m in self.means], "effect": self.effect.contiguous()},
-                   folder / "heads.pt")
+        torch.save({"means": [m.contiguous() for m in self.means], "effect": self.effect.contiguous(),
+                    "corrupt_means": [m.contiguous() for m in self.corrupt_means]}, folder / "heads.pt")
         write_json(folder / "regular.json", [bool(x) for x in self.regular])
 
     @classmethod
     def load(cls, folder: Path) -> "HeadsTaskResult":
         saved = torch.load(folder / "heads.pt", weights_only=True)
-        return cls(list(saved["means"]), saved["effect"], [bool(x) for x in read_json(folder / "regular.json")])
+        return cls(list(saved["means"]), saved["effect"], [bool(x) for x in read_json(folder / "regular.json")],
+                   list(saved["corrupt_means"]))
 
 
 #: The heads study in the cache: one entry per (model, task, protocol, sizes).
@@ -160,7 +168,8 @@ HEADS = Study("heads", HeadsTaskResult, ("studies/heads.py",))
 
 def task_heads(model: TaskModel, task: Task, protocol: Protocol, sizes: HeadSizes) -> HeadsTaskResult:
     """Mean head outputs over ``sizes.n_mean`` in-context prompts of ``task`` (the protocol's shots and
-    format) and each head's indirect effect on ``sizes.n_corrupt`` shuffled-label prompts (other queries)."""
+    format), each head's indirect effect on ``sizes.n_corrupt`` shuffled-label prompts (other queries), and
+    the heads' means over those shuffled-label prompts."""
     fmt, usable = protocol.usable(task, model.tokenizer)
     try:
         clean = sample_prompts(usable, sizes.n_mean, protocol.n_shots, protocol.seed, "heads-mean", 0)
@@ -175,7 +184,8 @@ def task_heads(model: TaskModel, task: Task, protocol: Protocol, sizes: HeadSize
     bad = [shuffled_labels(p, protocol.seed).regular_text(fmt) for p in corrupt]
     targets = [answer_token(model.tokenizer, fmt, p.query) for p in corrupt]
     effect = indirect_effects(model, bad, targets, means, protocol.patch_batch_size)
-    return HeadsTaskResult(means, effect, list(regular))
+    corrupt_means = mean_head_outputs(model, bad, protocol.batch_size, "heads corrupt mean")
+    return HeadsTaskResult(means, effect, list(regular), corrupt_means)
 
 
 def run(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol, sizes: HeadSizes = HeadSizes(),
@@ -183,24 +193,32 @@ def run(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol, sizes
         progress: bool = True) -> dict[str, HeadsTaskResult]:
     """:func:`task_heads` for every task, each cached in ``store`` when given; skipped tasks are left out."""
     ref = ModelRef(model, loader, dtype=protocol.dtype, remote=remote)
-    out = {}
+    return _heads_per_task(ref, tasks, protocol, sizes, store, progress)[0]
+
+
+def _heads_per_task(ref: ModelRef, tasks: Sequence[Task], protocol: Protocol, sizes: HeadSizes, store: Store | None,
+                    progress: bool) -> tuple[dict[str, HeadsTaskResult], dict[str, float]]:
+    out, seconds = {}, {}
     for task in tqdm(tasks, desc=f"heads ({ref.name})", unit="task", disable=not progress):
         outcome = cached(HEADS, ref, task.name, lambda m, task=task: task_heads(m, task, protocol, sizes), store,
                          task=task.identity(), protocol=protocol, sizes=sizes)
         if not outcome.skipped:
-            out[task.name] = outcome.result
-    return out
+            out[task.name], seconds[task.name] = outcome.result, outcome.seconds
+    return out, seconds
 
 
 # --- the function vector beside θ -----------------------------------------------------------------------
 
 def fv_dev_sweep(model: TaskModel, task: Task, protocol: Protocol, vectors: Mapping[int, torch.Tensor],
-                 n_dev: int = 20) -> pd.DataFrame:
+                 n_dev: int = 20, exclude: Sequence[str] = ()) -> pd.DataFrame:
     """Accuracy of each function vector (``vectors[k]``, (d_model,), from the top ``k`` heads) added at the
     last token after every layer of ``n_dev`` dev queries alone. One row per (k, layer, query): k, layer,
-    query, correct. Every layer of one k is one batched sweep on cached prefixes."""
+    query, correct. Every layer of one k is one batched sweep on cached prefixes. Dev queries avoid the
+    inputs in ``exclude`` (the test queries) while at least ``n_dev`` examples are left without them."""
     fmt, usable = protocol.usable(task, model.tokenizer)
-    queries = sample_queries(usable, n_dev, protocol.seed, "heads-dev")
+    kept = tuple(e for e in usable.examples if e.input not in set(exclude))
+    pool = dataclasses.replace(usable, examples=kept) if len(kept) >= n_dev else usable
+    queries = sample_queries(pool, n_dev, protocol.seed, "heads-dev")
     texts = [q.query_text(fmt) for q in queries]
     score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
     rows = []
@@ -223,17 +241,27 @@ def choose_fv(dev: pd.DataFrame) -> tuple[int, int]:
 
 
 #: The conditions of :func:`side_by_side`, in the order the book shows them.
-CONDITIONS = ("baseline", "regular", "hypothesis", "theta_added", "fv_query", "fv_shuffled")
+CONDITIONS = ("baseline", "regular", "hypothesis", "theta_added", "fv_query", "fv_shuffled", "hypothesis_ablated")
+
+
+def test_prompts(task: Task, protocol: Protocol, tokenizer, n_test: int) -> list[FewShotPrompt]:
+    """The ``n_test`` prompts :func:`side_by_side` and :func:`theta_fv_cosine` use (the protocol's shots, dummies
+    and seed; their own split)."""
+    _, usable = protocol.usable(task, tokenizer)
+    return sample_prompts(usable, n_test, protocol.n_shots, protocol.seed, "heads-test", protocol.n_dummies)
 
 
 def side_by_side(model: TaskModel, task: Task, protocol: Protocol, layer: int, fv: torch.Tensor, fv_layer: int,
-                 n_test: int = 25) -> pd.DataFrame:
+                 n_test: int = 25, ablate: Mapping[int, tuple[Sequence[int], torch.Tensor]] | None = None,
+                 ) -> pd.DataFrame:
     """The test queries of ``n_test`` prompts under every condition of :data:`CONDITIONS`: Baseline (the
     query alone), Regular (the prompt), Hypothesis (θ of the prompt replacing the query's state after
     ``layer``, the paper), θ added there instead, the FV added after ``fv_layer`` to the query alone, and
-    to the prompt with its answers shuffled. One row per (query, condition): query, condition, correct."""
+    to the prompt with its answers shuffled; with ``ablate`` (layer -> (heads, values), as
+    :func:`taskvec.mechanism.task_vectors` takes it), Hypothesis with θ read while those heads' last-token
+    outputs are set to the values. One row per (query, condition): query, condition, correct."""
     fmt, usable = protocol.usable(task, model.tokenizer)
-    prompts = sample_prompts(usable, n_test, protocol.n_shots, protocol.seed, "heads-test", protocol.n_dummies)
+    prompts = test_prompts(task, protocol, model.tokenizer, n_test)
     queries = [p.query_text(fmt) for p in prompts]
     shuffled = [shuffled_labels(p, protocol.seed).regular_text(fmt) for p in prompts]
     theta, regular = mechanism.task_vectors_and_answers(model, [p.dummy_texts(fmt) for p in prompts],
@@ -253,10 +281,16 @@ def side_by_side(model: TaskModel, task: Task, protocol: Protocol, layer: int, f
         "fv_shuffled": mechanism.patched_next_tokens(model, shuffled, fvs, [fv_layer], protocol.patch_batch_size,
                                                      "heads fv shuffled", add=True)[0],
     }
+    if ablate:
+        ablated = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts], protocol.batch_size,
+                                         "heads extract, heads ablated", heads=ablate)
+        ids["hypothesis_ablated"] = mechanism.patched_next_tokens(model, queries, ablated, [layer],
+                                                                  protocol.patch_batch_size, "heads hypothesis ablated")[0]
     score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
     examples = [p.query for p in prompts]
     rows = [{"query": i, "condition": condition, "correct": bool(ok)}
-            for condition in CONDITIONS for i, ok in enumerate(score(ids[condition].tolist(), examples))]
+            for condition in CONDITIONS if condition in ids
+            for i, ok in enumerate(score(ids[condition].tolist(), examples))]
     return pd.DataFrame(rows, columns=["query", "condition", "correct"])
 
 
@@ -264,10 +298,163 @@ def theta_fv_cosine(model: TaskModel, task: Task, protocol: Protocol, layer: int
                     n_prompts: int = 25) -> float:
     """How much of θ the function vector points along: the cosine between θ minus the query-only state
     (both after ``layer``, averaged over ``n_prompts`` prompts) and the FV."""
-    fmt, usable = protocol.usable(task, model.tokenizer)
-    prompts = sample_prompts(usable, n_prompts, protocol.n_shots, protocol.seed, "heads-test", protocol.n_dummies)
+    fmt, _ = protocol.usable(task, model.tokenizer)
+    prompts = test_prompts(task, protocol, model.tokenizer, n_prompts)
     theta = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts], protocol.batch_size,
                                    "heads cosine extract")[:, layer].mean(dim=0)
     alone = mechanism.hidden_states(model, [p.query_text(fmt) for p in prompts], protocol.batch_size,
                                     "heads cosine query")[:, layer].mean(dim=0)
     return float(torch.nn.functional.cosine_similarity(theta - alone, fv.float(), dim=0))
+
+
+# --- the function vector beside θ, one task, cached ------------------------------------------------------
+
+class FvSizes(Settings):
+    """How the function vector is chosen and tested per task (Todd et al. sweep the layer; k = 10 heads)."""
+
+    ks: list[Count] = Field([1, 3, 5, 10], min_length=1, description="top-k heads summed into the function "
+                                                                     "vector, each tried on dev queries")
+    n_dev: Count = Field(20, description="dev queries k and the FV's layer are chosen on")
+    n_test: Count = Field(25, description="test prompts the conditions are compared on")
+    n_ablate: Count = Field(10, description="top heads set to their shuffled-label means while θ is read")
+
+
+@dataclass
+class FvTaskResult:
+    """One task: the FV's dev sweep, the chosen (k, layer), the conditions on the test queries and the cosine
+    of the FV with θ minus the query-only state."""
+
+    dev: pd.DataFrame  #: fv_dev_sweep's rows
+    side: pd.DataFrame  #: side_by_side's rows
+    k: int
+    fv_layer: int
+    cosine: float
+
+    def save(self, folder: Path) -> None:
+        write_records(folder / "dev.jsonl", self.dev)
+        write_records(folder / "side.jsonl", self.side)
+        write_json(folder / "fv.json", {"k": self.k, "fv_layer": self.fv_layer, "cosine": self.cosine})
+
+    @classmethod
+    def load(cls, folder: Path) -> "FvTaskResult":
+        chosen = read_json(folder / "fv.json")
+        return cls(read_records(folder / "dev.jsonl"), read_records(folder / "side.jsonl"), int(chosen["k"]),
+                   int(chosen["fv_layer"]), float(chosen["cosine"]))
+
+
+#: The function vector beside θ in the cache: one entry per (model, task, protocol, layer, heads, sizes).
+HEADS_FV = Study("heads_fv", FvTaskResult, ("studies/heads.py",))
+
+
+def task_fv(model: TaskModel, task: Task, protocol: Protocol, layer: int, heads: HeadsTaskResult,
+            ranking: Sequence[tuple[int, int]], sizes: FvSizes) -> FvTaskResult:
+    """The FV of ``task`` from its own mean head outputs (``heads``) over the model's top heads (``ranking``,
+    the average indirect effect's order): k and the layer chosen on dev queries (not the test queries), then
+    every condition of :data:`CONDITIONS` on the test prompts with θ at ``layer``, the top
+    ``sizes.n_ablate`` heads set to their shuffled-label means for the ablated Hypothesis, and the cosine."""
+    fmt, _ = protocol.usable(task, model.tokenizer)
+    try:
+        prompts = test_prompts(task, protocol, model.tokenizer, sizes.n_test)
+    except TooFewExamples as error:
+        raise Skip(str(error)) from None
+    ks = sorted({k for k in sizes.ks if k <= len(ranking)})
+    if not ks:
+        raise ValueError(f"no k in {list(sizes.ks)} fits the {len(ranking)} ranked heads")
+    vectors = {k: function_vector(model, heads.means, ranking[:k]) for k in ks}
+    dev = fv_dev_sweep(model, task, protocol, vectors, sizes.n_dev, exclude=[p.query.input for p in prompts])
+    k, fv_layer = choose_fv(dev)
+    ablate: dict[int, tuple[list[int], torch.Tensor]] = {}
+    for l, h in ranking[:sizes.n_ablate]:
+        ablate.setdefault(l, ([], []))
+        ablate[l][0].append(h)
+        ablate[l][1].append(heads.corrupt_means[l][h])
+    ablate = {l: (ids, torch.stack(values)) for l, (ids, values) in ablate.items()}
+    side = side_by_side(model, task, protocol, layer, vectors[k], fv_layer, sizes.n_test, ablate)
+    cosine = theta_fv_cosine(model, task, protocol, layer, vectors[k], sizes.n_test)
+    return FvTaskResult(dev, side, k, fv_layer, cosine)
+
+
+@dataclass
+class HeadsRun:
+    """The heads study on one model: per task its heads and its FV beside θ, the model's ranking of heads
+    (over the tasks it does in context) and the seconds each task's computation took."""
+
+    heads: dict[str, HeadsTaskResult]
+    fv: dict[str, FvTaskResult]
+    ranking: list[tuple[int, int]]
+    does_icl: dict[str, bool]
+    ranked_on: list[str]  #: the tasks the ranking averages over: those done in context, or all if none is
+    layers: dict[str, int]
+    seconds: dict[str, float]
+
+
+#: Regular accuracy over the heads' in-context prompts above which a task counts as done in context.
+DOES_ICL = 0.5
+
+
+def run_all(model: TaskModel | str, tasks: Sequence[Task], protocol: Protocol, layers: Mapping[str, int],
+            sizes: HeadSizes = HeadSizes(), fv_sizes: FvSizes = FvSizes(), store: Store | None = None,
+            loader=load_model, remote: bool | str = False, progress: bool = True) -> HeadsRun:
+    """:func:`run` for every task, the ranking of heads by the average indirect effect over the tasks done in
+    context (Regular above :data:`DOES_ICL`; over all tasks when the model does none, ``ranked_on`` says
+    which), then :func:`task_fv` for every task at its θ layer
+    ``layers[task]``, each cached."""
+    missing = [t.name for t in tasks if t.name not in layers]
+    if missing:
+        raise SettingError(f"no layer given for task(s) {', '.join(missing)}")
+    ref = ModelRef(model, loader, dtype=protocol.dtype, remote=remote)
+    heads, seconds = _heads_per_task(ref, tasks, protocol, sizes, store, progress)
+    if not heads:
+        raise SettingError(f"the heads study ran no task on {ref.name}: every task was skipped")
+    does_icl = {name: sum(r.regular) / len(r.regular) > DOES_ICL for name, r in heads.items()}
+    ranked_on = [name for name in heads if does_icl[name]] or list(heads)
+    aie = average_indirect_effect({name: r.effect.mean(dim=0) for name, r in heads.items()},
+                                  {name: name in ranked_on for name in heads})
+    ranking = top_heads(aie, min(aie.numel(), max(max(fv_sizes.ks), fv_sizes.n_ablate)))
+    fv = {}
+    for task in tasks:
+        if task.name not in heads:
+            continue
+        layer = int(layers[task.name])
+        outcome = cached(HEADS_FV, ref, task.name,
+                         lambda m, task=task, layer=layer: task_fv(m, task, protocol, layer, heads[task.name], ranking,
+                                                                  fv_sizes),
+                         store, task=task.identity(), protocol=protocol, layer=layer, sizes=sizes, fv_sizes=fv_sizes,
+                         ranking=[list(h) for h in ranking])
+        if not outcome.skipped:
+            fv[task.name] = outcome.result
+            seconds[task.name] = seconds.get(task.name, 0.0) + outcome.seconds
+    return HeadsRun(heads, fv, ranking, does_icl, ranked_on, {t: int(layers[t]) for t in heads}, seconds)
+
+
+# --- tables for the page ------------------------------------------------------------------------------------
+
+def effect_table(result: HeadsRun) -> pd.DataFrame:
+    """One row per (task, layer, head): the mean indirect effect over the task's shuffled-label prompts, and
+    rows of task "average" for the average the ranking is over (``ranked_on``)."""
+    rows = []
+    for name, r in result.heads.items():
+        mean = r.effect.mean(dim=0)
+        rows += [{"task": name, "layer": l, "head": h, "effect": float(mean[l, h])}
+                 for l in range(mean.shape[0]) for h in range(mean.shape[1])]
+    aie = average_indirect_effect({n: r.effect.mean(dim=0) for n, r in result.heads.items()},
+                                  {n: n in result.ranked_on for n in result.heads})
+    rows += [{"task": "average", "layer": l, "head": h, "effect": float(aie[l, h])}
+             for l in range(aie.shape[0]) for h in range(aie.shape[1])]
+    return pd.DataFrame(rows, columns=["task", "layer", "head", "effect"])
+
+
+def conditions_table(result: HeadsRun) -> pd.DataFrame:
+    """Per task and condition (and "all" tasks pooled): n, accuracy and its Wilson interval."""
+    side = pd.concat([r.side.assign(task=name) for name, r in result.fv.items()], ignore_index=True)
+    pooled = side.assign(task="all")
+    return stats.task_intervals(pd.concat([side, pooled], ignore_index=True))
+
+
+def paired(result: HeadsRun, a: str, b: str) -> dict:
+    """McNemar's exact test of conditions ``a`` and ``b`` on the same test queries, pooled over tasks (each
+    (task, query) one pair), with both accuracies: n, a_only, b_only, difference, p_value, a, b."""
+    side = pd.concat([r.side.assign(task=name) for name, r in result.fv.items()], ignore_index=True)
+    wide = side.pivot_table(index=["task", "query"], columns="condition", values="correct", aggfunc="first")
+    test = stats.mcnemar(wide[a].to_numpy(bool), wide[b].to_numpy(bool))
+    return {**test, "a": float(wide[a].mean()), "b": float(wide[b].mean())}

@@ -112,6 +112,32 @@ def control_verdict(every: float, once: float, n: int, p_value: float, alpha: fl
             "are equal.")
 
 
+def paired_accuracy_verdict(a: str, b: str, acc_a: float, acc_b: float, n: int, p_value: float,
+                            alpha: float = 0.05) -> str:
+    """Condition ``a`` against condition ``b`` on the same ``n`` queries, from McNemar's exact test: which gets
+    more answers right, or no detectable difference (not equivalence)."""
+    if n == 0:
+        return f"No query was scored under both {a} and {b}."
+    if p_value < alpha:
+        side = "more" if acc_a > acc_b else "fewer"
+        return (f"{a} gets {side} answers right than {b} ({acc_a:.2f} against {acc_b:.2f} on {n} queries, "
+                f"McNemar p = {p_value:.2g}).")
+    return (f"On these {n} queries there is no detectable difference between {a} and {b} ({acc_a:.2f} against "
+            f"{acc_b:.2f}, McNemar p = {p_value:.2g}); that is not a proof that they are equal.")
+
+
+def top_head_share(top: dict[str, tuple[int, int]]) -> tuple[tuple[int, int] | None, int]:
+    """The head that tops the most tasks' indirect effects (``top``: task -> its top (layer, head)) and the
+    number of tasks it tops; ties go to the earlier layer, then head. (None, 0) without tasks."""
+    if not top:
+        return None, 0
+    counts: dict[tuple[int, int], int] = {}
+    for head in top.values():
+        counts[tuple(head)] = counts.get(tuple(head), 0) + 1
+    best = min(counts, key=lambda h: (-counts[h], h))
+    return best, counts[best]
+
+
 # --- grades: one word per experiment and model for the book's findings table ----------------------------
 # Each takes the numbers its page reports and says whether this model reproduces the paper's claim:
 # "reproduced", "partly" or "not reproduced"; "no evidence" where the run holds nothing to judge by.
