@@ -168,7 +168,7 @@ def test_side_by_side_conditions_and_their_invariants(tiny_gpt2):
     from taskvec.settings import Protocol
 
     frame = H.side_by_side(tiny_gpt2, _upper_task(), Protocol(), 1, torch.zeros(tiny_gpt2.d_model), 2, n_test=6)
-    assert list(frame["condition"].unique()) == list(H.CONDITIONS[:-1])  # no heads to ablate given
+    assert list(frame["condition"].unique()) == list(H.CONDITIONS[:-2])  # no heads to ablate given
     assert (frame.groupby("condition").size() == 6).all()
     by = frame.pivot(index="query", columns="condition", values="correct")
     assert by["fv_query"].tolist() == by["baseline"].tolist()
@@ -196,13 +196,15 @@ def test_heads_after_thetas_layer_cannot_change_it_and_heads_before_can(tiny_gpt
     n_heads, head_dim = tiny_gpt2.arch.head_shape(0)
     big = torch.full((n_heads, head_dim), 50.0)
     args = (tiny_gpt2, _upper_task(), Protocol(), 1, torch.zeros(tiny_gpt2.d_model), 2)
-    later = H.side_by_side(*args, n_test=8, ablate={3: (list(range(n_heads)), big)})
+    later = H.side_by_side(*args, n_test=8, ablate={3: (list(range(n_heads)), big)},
+                           ablate_other={2: ([0], big[:1])})
     by = later.pivot(index="query", columns="condition", values="correct")
     assert list(later["condition"].unique()) == list(H.CONDITIONS)
     assert by["hypothesis_ablated"].tolist() == by["hypothesis"].tolist()
+    assert by["hypothesis_ablated_other"].tolist() == by["hypothesis"].tolist()
     from taskvec import mechanism
     fmt, usable = Protocol().usable(_upper_task(), tiny_gpt2.tokenizer)
-    prompts = H.test_prompts(_upper_task(), Protocol(), tiny_gpt2.tokenizer, 8)
+    prompts = H.heads_test_prompts(_upper_task(), Protocol(), tiny_gpt2.tokenizer, 8)
     dummies = [p.dummy_texts(fmt) for p in prompts]
     plain = mechanism.task_vectors(tiny_gpt2, dummies)
     earlier = mechanism.task_vectors(tiny_gpt2, dummies, heads={0: (list(range(n_heads)), big)})
@@ -215,7 +217,7 @@ def test_the_fv_study_is_cached_ranked_over_tasks_done_in_context_and_tested_on_
     from taskvec.store import Store
 
     store, task, protocol = Store(tmp_path), _upper_task(26), Protocol(n_shots=3)
-    sizes, fv_sizes = H.HeadSizes(n_mean=4, n_corrupt=3), H.FvSizes(ks=[1, 2], n_dev=5, n_test=6, n_ablate=2)
+    sizes, fv_sizes = H.HeadSizes(n_mean=4, n_corrupt=3), H.FvSizes(ks=[1, 2], n_fv_dev=5, n_fv_test=6, n_ablate=2)
     first = H.run_all(tiny_gpt2, [task], protocol, {"upper": 1}, sizes, fv_sizes, store=store, progress=False)
     fv = first.fv["upper"]
     assert fv.k in (1, 2) and 0 <= fv.fv_layer < tiny_gpt2.n_layers and -1 <= fv.cosine <= 1

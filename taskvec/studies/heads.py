@@ -45,6 +45,11 @@ from . import stats
 from ..tasks import Example, Task
 
 
+#: The book's default tasks (a word translation, a semantic relation, a fact, a letter rule): few, for the
+#: default book's time; a profile can run all.
+DEFAULT_TASKS = ("en_es", "antonyms", "country_capital", "next_letter")
+
+
 def shuffled_labels(prompt: FewShotPrompt, seed: int | str = 0) -> FewShotPrompt:
     """``prompt`` with its demonstrations' answers permuted among themselves, query and dummies unchanged.
 
@@ -241,10 +246,11 @@ def choose_fv(dev: pd.DataFrame) -> tuple[int, int]:
 
 
 #: The conditions of :func:`side_by_side`, in the order the book shows them.
-CONDITIONS = ("baseline", "regular", "hypothesis", "theta_added", "fv_query", "fv_shuffled", "hypothesis_ablated")
+CONDITIONS = ("baseline", "regular", "hypothesis", "theta_added", "fv_query", "fv_shuffled", "hypothesis_ablated",
+              "hypothesis_ablated_other")
 
 
-def test_prompts(task: Task, protocol: Protocol, tokenizer, n_test: int) -> list[FewShotPrompt]:
+def heads_test_prompts(task: Task, protocol: Protocol, tokenizer, n_test: int) -> list[FewShotPrompt]:
     """The ``n_test`` prompts :func:`side_by_side` and :func:`theta_fv_cosine` use (the protocol's shots, dummies
     and seed; their own split)."""
     _, usable = protocol.usable(task, tokenizer)
@@ -253,15 +259,16 @@ def test_prompts(task: Task, protocol: Protocol, tokenizer, n_test: int) -> list
 
 def side_by_side(model: TaskModel, task: Task, protocol: Protocol, layer: int, fv: torch.Tensor, fv_layer: int,
                  n_test: int = 25, ablate: Mapping[int, tuple[Sequence[int], torch.Tensor]] | None = None,
-                 ) -> pd.DataFrame:
+                 ablate_other: Mapping[int, tuple[Sequence[int], torch.Tensor]] | None = None) -> pd.DataFrame:
     """The test queries of ``n_test`` prompts under every condition of :data:`CONDITIONS`: Baseline (the
     query alone), Regular (the prompt), Hypothesis (θ of the prompt replacing the query's state after
     ``layer``, the paper), θ added there instead, the FV added after ``fv_layer`` to the query alone, and
     to the prompt with its answers shuffled; with ``ablate`` (layer -> (heads, values), as
     :func:`taskvec.mechanism.task_vectors` takes it), Hypothesis with θ read while those heads' last-token
-    outputs are set to the values. One row per (query, condition): query, condition, correct."""
+    outputs are set to the values, and with ``ablate_other`` the same for other heads (the control). One row
+    per (query, condition): query, condition, correct."""
     fmt, usable = protocol.usable(task, model.tokenizer)
-    prompts = test_prompts(task, protocol, model.tokenizer, n_test)
+    prompts = heads_test_prompts(task, protocol, model.tokenizer, n_test)
     queries = [p.query_text(fmt) for p in prompts]
     shuffled = [shuffled_labels(p, protocol.seed).regular_text(fmt) for p in prompts]
     theta, regular = mechanism.task_vectors_and_answers(model, [p.dummy_texts(fmt) for p in prompts],
@@ -281,11 +288,12 @@ def side_by_side(model: TaskModel, task: Task, protocol: Protocol, layer: int, f
         "fv_shuffled": mechanism.patched_next_tokens(model, shuffled, fvs, [fv_layer], protocol.patch_batch_size,
                                                      "heads fv shuffled", add=True)[0],
     }
-    if ablate:
-        ablated = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts], protocol.batch_size,
-                                         "heads extract, heads ablated", heads=ablate)
-        ids["hypothesis_ablated"] = mechanism.patched_next_tokens(model, queries, ablated, [layer],
-                                                                  protocol.patch_batch_size, "heads hypothesis ablated")[0]
+    for condition, heads in (("hypothesis_ablated", ablate), ("hypothesis_ablated_other", ablate_other)):
+        if heads:
+            ablated = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts], protocol.batch_size,
+                                             "heads extract, heads ablated", heads=heads)
+            ids[condition] = mechanism.patched_next_tokens(model, queries, ablated, [layer], protocol.patch_batch_size,
+                                                           "heads hypothesis ablated")[0]
     score = Scorer(task, model.tokenizer, fmt, protocol.prefix_rule)
     examples = [p.query for p in prompts]
     rows = [{"query": i, "condition": condition, "correct": bool(ok)}
@@ -299,7 +307,7 @@ def theta_fv_cosine(model: TaskModel, task: Task, protocol: Protocol, layer: int
     """How much of θ the function vector points along: the cosine between θ minus the query-only state
     (both after ``layer``, averaged over ``n_prompts`` prompts) and the FV."""
     fmt, _ = protocol.usable(task, model.tokenizer)
-    prompts = test_prompts(task, protocol, model.tokenizer, n_prompts)
+    prompts = heads_test_prompts(task, protocol, model.tokenizer, n_prompts)
     theta = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts], protocol.batch_size,
                                    "heads cosine extract")[:, layer].mean(dim=0)
     alone = mechanism.hidden_states(model, [p.query_text(fmt) for p in prompts], protocol.batch_size,
@@ -314,8 +322,8 @@ class FvSizes(Settings):
 
     ks: list[Count] = Field([1, 3, 5, 10], min_length=1, description="top-k heads summed into the function "
                                                                      "vector, each tried on dev queries")
-    n_dev: Count = Field(20, description="dev queries k and the FV's layer are chosen on")
-    n_test: Count = Field(25, description="test prompts the conditions are compared on")
+    n_fv_dev: Count = Field(20, description="dev queries k and the FV's layer are chosen on")
+    n_fv_test: Count = Field(25, description="test prompts the conditions are compared on")
     n_ablate: Count = Field(10, description="top heads set to their shuffled-label means while θ is read")
 
 
@@ -351,27 +359,37 @@ def task_fv(model: TaskModel, task: Task, protocol: Protocol, layer: int, heads:
     """The FV of ``task`` from its own mean head outputs (``heads``) over the model's top heads (``ranking``,
     the average indirect effect's order): k and the layer chosen on dev queries (not the test queries), then
     every condition of :data:`CONDITIONS` on the test prompts with θ at ``layer``, the top
-    ``sizes.n_ablate`` heads set to their shuffled-label means for the ablated Hypothesis, and the cosine."""
+    ``sizes.n_ablate`` heads set to their shuffled-label means for the ablated Hypothesis (and as many other
+    heads, drawn seeded from the rest, for its control), and the cosine."""
     fmt, _ = protocol.usable(task, model.tokenizer)
     try:
-        prompts = test_prompts(task, protocol, model.tokenizer, sizes.n_test)
+        prompts = heads_test_prompts(task, protocol, model.tokenizer, sizes.n_fv_test)
     except TooFewExamples as error:
         raise Skip(str(error)) from None
     ks = sorted({k for k in sizes.ks if k <= len(ranking)})
     if not ks:
         raise ValueError(f"no k in {list(sizes.ks)} fits the {len(ranking)} ranked heads")
     vectors = {k: function_vector(model, heads.means, ranking[:k]) for k in ks}
-    dev = fv_dev_sweep(model, task, protocol, vectors, sizes.n_dev, exclude=[p.query.input for p in prompts])
+    dev = fv_dev_sweep(model, task, protocol, vectors, sizes.n_fv_dev, exclude=[p.query.input for p in prompts])
     k, fv_layer = choose_fv(dev)
-    ablate: dict[int, tuple[list[int], torch.Tensor]] = {}
-    for l, h in ranking[:sizes.n_ablate]:
-        ablate.setdefault(l, ([], []))
-        ablate[l][0].append(h)
-        ablate[l][1].append(heads.corrupt_means[l][h])
-    ablate = {l: (ids, torch.stack(values)) for l, (ids, values) in ablate.items()}
-    side = side_by_side(model, task, protocol, layer, vectors[k], fv_layer, sizes.n_test, ablate)
-    cosine = theta_fv_cosine(model, task, protocol, layer, vectors[k], sizes.n_test)
+    top = list(ranking[:sizes.n_ablate])
+    others = [(l, h) for l, layer_means in enumerate(heads.corrupt_means) for h in range(layer_means.shape[0])
+              if (l, h) not in top]
+    other = random.Random(f"heads-control:{protocol.seed}:{task.name}").sample(others, min(len(top), len(others)))
+    side = side_by_side(model, task, protocol, layer, vectors[k], fv_layer, sizes.n_fv_test,
+                        _set_to(top, heads.corrupt_means), _set_to(other, heads.corrupt_means))
+    cosine = theta_fv_cosine(model, task, protocol, layer, vectors[k], sizes.n_fv_test)
     return FvTaskResult(dev, side, k, fv_layer, cosine)
+
+
+def _set_to(heads: Sequence[tuple[int, int]], means: Sequence[torch.Tensor]) -> dict[int, tuple[list[int], torch.Tensor]]:
+    """``heads`` set to their ``means``, grouped by layer as :func:`taskvec.mechanism.task_vectors` takes them."""
+    out: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    for layer, head in sorted(heads):
+        out.setdefault(layer, ([], []))
+        out[layer][0].append(head)
+        out[layer][1].append(means[layer][head])
+    return {layer: (ids, torch.stack(values)) for layer, (ids, values) in out.items()}
 
 
 @dataclass

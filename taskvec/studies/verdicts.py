@@ -115,13 +115,14 @@ def control_verdict(every: float, once: float, n: int, p_value: float, alpha: fl
 def paired_accuracy_verdict(a: str, b: str, acc_a: float, acc_b: float, n: int, p_value: float,
                             alpha: float = 0.05) -> str:
     """Condition ``a`` against condition ``b`` on the same ``n`` queries, from McNemar's exact test: which gets
-    more answers right, or no detectable difference (not equivalence)."""
+    more answers right, or no detectable difference (not equivalence). The names are written as they read
+    mid-sentence; the first is capitalised where it opens one."""
     if n == 0:
         return f"No query was scored under both {a} and {b}."
     if p_value < alpha:
         side = "more" if acc_a > acc_b else "fewer"
-        return (f"{a} gets {side} answers right than {b} ({acc_a:.2f} against {acc_b:.2f} on {n} queries, "
-                f"McNemar p = {p_value:.2g}).")
+        return (f"{a[:1].upper()}{a[1:]} gets {side} answers right than {b} ({acc_a:.2f} against {acc_b:.2f} on {n} "
+                f"queries, McNemar p = {p_value:.2g}).")
     return (f"On these {n} queries there is no detectable difference between {a} and {b} ({acc_a:.2f} against "
             f"{acc_b:.2f}, McNemar p = {p_value:.2g}); that is not a proof that they are equal.")
 
