@@ -38,6 +38,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/benchmark.py --model $(MODEL)
+	$(PY) scripts/benchmark.py --model $(MODEL) --study heads
 
 clean:
 	rm -rf results .pytest_cache

@@ -1,6 +1,7 @@
 """Benchmark the main experiment: wall time per phase, prompts and tokens processed, peak RSS.
 
     python scripts/benchmark.py                      # all 18 tasks, paper protocol, default model
+    python scripts/benchmark.py --study heads        # the heads study on its default tasks and sizes (the book's)
     python scripts/benchmark.py --tasks 3            # the first 3 tasks
     python scripts/benchmark.py --tasks antonyms,en_fr
     python scripts/benchmark.py --tasks 2 --remote http://127.0.0.1:8001   # through an NDIF server
@@ -23,6 +24,7 @@ import torch
 from taskvec import Protocol, list_tasks, load_model, load_tasks, run_main_experiment
 from taskvec.mechanism import track_usage
 from taskvec.models import resolve_source
+from taskvec.studies import heads as heads_study
 
 TARGET_SECONDS, TARGET_RSS_GB = 240, 3.0
 
@@ -63,11 +65,15 @@ def main() -> None:
     parser.add_argument("--compare", metavar="DIR", help="a folder written by --save: count predictions that differ")
     # dest: nnsight gives every object a .save() method, which argparse would take for the option's value
     parser.add_argument("--save", dest="save_dir", metavar="DIR", help="write this run's predictions and accuracy table there")
+    parser.add_argument("--study", default="main", choices=["main", "heads"],
+                        help="main: the main experiment (the targets below); heads: the heads study (no target, its "
+                             "forward tokens and seconds per phase)")
     parser.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
                         help="run on NDIF (nnsight's configured host, or HOST): requests per task and seconds per request")
     args = parser.parse_args()
 
-    names = list_tasks() if args.tasks == "all" else (
+    default_tasks = list_tasks() if args.study == "main" else list(heads_study.DEFAULT_TASKS)
+    names = default_tasks if args.tasks == "all" else (
         list_tasks()[: int(args.tasks)] if args.tasks.isdigit() else args.tasks.split(","))
     tasks = load_tasks(names)
     resolve_source(args.model)
@@ -78,32 +84,46 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     with track_usage() as usage:
-        result = run_main_experiment(model, tasks, protocol, progress=False)
+        if args.study == "heads":  # θ at the middle layer for every task: the cost does not depend on which
+            layers = {t.name: model.n_layers // 2 for t in tasks}
+            result = heads_study.run_all(model, tasks, protocol, layers, progress=False)
+        else:
+            result = run_main_experiment(model, tasks, protocol, progress=False)
     run_s = time.perf_counter() - t1
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     where = f"on NDIF at {model.info['remote_host']}" if args.remote else f"{model.info['dtype']} on {model.info['device']}"
     print(f"model: {args.model} ({model.n_layers} layers, {where})")
-    print(f"protocol: {protocol.n_shots} shots, {protocol.n_dev} dev / {protocol.n_test} test / "
-          f"{protocol.n_baseline} baseline prompts, {len(tasks)} tasks")
+    if args.study == "heads":
+        print(f"heads study: {len(tasks)} tasks ({', '.join(names)}), {heads_study.HeadSizes()!r}, "
+              f"{heads_study.FvSizes()!r}, {protocol.n_shots} shots")
+    else:
+        print(f"protocol: {protocol.n_shots} shots, {protocol.n_dev} dev / {protocol.n_test} test / "
+              f"{protocol.n_baseline} baseline prompts, {len(tasks)} tasks")
     token_flop, head_flop = flop_per_token(model), 2 * model.d_model * model.arch.vocab_size
     rate = None if args.remote else matmul_flops()
     if rate:
         print(f"arithmetic: {token_flop / 1e9:.2f} GFLOP per forward token (2 x non-embedding parameters), "
               f"{head_flop / 1e9:.2f} GFLOP per row read out through the unembedding; this machine's float32 "
               f"matmul: {rate / 1e9:.0f} GFLOP/s. floor = the phase's arithmetic at that rate.")
-    print(f"\n{'phase':<24}{'requests':>9}{'traces':>8}{'rows':>8}{'tokens':>9}{'heads':>8}{'seconds':>9}"
+    print(f"\n{'phase':<28}{'requests':>9}{'traces':>8}{'rows':>8}{'tokens':>9}{'heads':>8}{'seconds':>9}"
           f"{'floor s':>9}{'s/request':>10}")
     floors = {}
     for phase, e in usage.by_phase.items():
         floors[phase] = (e["tokens"] * token_flop + e["heads"] * head_flop) / rate if rate else float("nan")
-        print(f"{phase:<24}{e['requests']:>9}{e['traces']:>8}{e['rows']:>8}{e['tokens']:>9}{e['heads']:>8}"
+        print(f"{phase:<28}{e['requests']:>9}{e['traces']:>8}{e['rows']:>8}{e['tokens']:>9}{e['heads']:>8}"
               f"{e['seconds']:>9.1f}{floors[phase]:>9.1f}{e['seconds'] / e['requests']:>10.2f}")
-    print(f"{'all phases':<24}{usage.total('requests'):>9.0f}{usage.total('traces'):>8.0f}{usage.total('rows'):>8.0f}"
+    print(f"{'all phases':<28}{usage.total('requests'):>9.0f}{usage.total('traces'):>8.0f}{usage.total('rows'):>8.0f}"
           f"{usage.total('tokens'):>9.0f}{usage.total('heads'):>8.0f}{usage.total('seconds'):>9.1f}"
           f"{sum(floors.values()):>9.1f}")
     print(f"requests per task: {usage.total('requests') / len(tasks):.1f}; "
           f"seconds per request: {usage.total('seconds') / max(usage.total('requests'), 1):.2f}")
+    if args.study == "heads":
+        print(f"\nload model: {load_s:.1f} s")
+        print(f"heads study on {args.model}: {usage.total('tokens'):.0f} forward tokens, {run_s:.1f} s "
+              f"({run_s / len(tasks):.1f} s per task); the book's page budget is 180 s on 2 cores")
+        print(f"peak RSS: {peak_rss_gb():.2f} GB")
+        return
     per_task = result.accuracy.set_index("task")["seconds"]
     print(f"\nload model: {load_s:.1f} s")
     print(f"experiment: {run_s:.1f} s total, {run_s / len(tasks):.1f} s per task "

@@ -21,7 +21,7 @@ from taskvec.publishing import sections
 from taskvec.settings import Protocol
 
 ROOT = Path(__file__).parent.parent
-CHART_PAGES = {"intro": 1, "data": 1, "finding_L": 2, "accuracy": 2, "geometry": 2, "dominance": 2, "beyond": 2, "needs": 2,
+CHART_PAGES = {"intro": 1, "data": 1, "finding_L": 2, "accuracy": 2, "geometry": 2, "dominance": 2, "beyond": 2, "needs": 2, "heads": 3,
                "comparison": 1}  # charts per page; every other page has none
 SELECTION_PAGES = {"finding_L", "accuracy", "geometry"}  # a legend bound to a selection (taskvec/publishing/charts.py)
 # The root index.html is nothing but this redirect, so the browser opens book/intro.html instead.

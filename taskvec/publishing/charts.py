@@ -447,3 +447,70 @@ def by_model(frame: pd.DataFrame, digits: int = 2):
         display(HTML(f"<p><b>{name}</b></p>"))
         display(table(frame[frame["model"] == name].drop(columns="model"), digits))
     return None
+
+
+#: The heads study's conditions as a reader sees them, in the book's order.
+HEAD_CONDITIONS = {"baseline": "Baseline (query alone)", "regular": "Regular (prompt)",
+                   "hypothesis": "Hypothesis (θ replaces)", "theta_added": "θ added",
+                   "fv_query": "FV + query alone", "fv_shuffled": "FV + shuffled prompt",
+                   "hypothesis_ablated": "Hypothesis, top heads ablated",
+                   "hypothesis_ablated_other": "Hypothesis, other heads ablated"}
+HEAD_COLORS = alt.Scale(domain=list(HEAD_CONDITIONS.values()),
+                        range=["#9e9e9e", "#4c78a8", "#e45756", "#f58518", "#54a24b", "#b79a20", "#b279a2", "#ff9da6"])
+
+
+def heads_heatmap(effects: pd.DataFrame) -> alt.Chart:
+    """The indirect effect of every (layer, head), one task at a time (a drop-down; "average" first): layers
+    down, heads across, a diverging colour around zero. ``effects``: task, layer, head, effect
+    (:func:`taskvec.studies.heads.effect_table`)."""
+    tasks = ["average"] + [t for t in dict.fromkeys(effects["task"]) if t != "average"]
+    pick = alt.param(name="task", value="average", bind=alt.binding_select(options=tasks, name="task "))
+    top = float(effects["effect"].abs().max()) or 1.0
+    return alt.Chart(effects).mark_rect().encode(
+        x=alt.X("head:O", title="head"),
+        y=alt.Y("layer:O", title="layer", sort="ascending"),
+        color=alt.Color("effect:Q", scale=alt.Scale(scheme="redblue", reverse=True, domain=[-top, top]),
+                        legend=alt.Legend(title="indirect effect", orient="right")),
+        tooltip=["task:N", "layer:O", "head:O", alt.Tooltip("effect:Q", format="+.3f")],
+    ).add_params(pick).transform_filter(alt.datum.task == pick).properties(width=alt.Step(48), height=alt.Step(16))
+
+
+def head_conditions(intervals: pd.DataFrame) -> alt.Chart:
+    """Accuracy under each condition of the heads study with its 95% Wilson interval, all tasks pooled (bars)
+    and per task (dots, hover for the name). ``intervals``: task, condition, n, accuracy, lo, hi, with task
+    "all" for the pooled rows (:func:`taskvec.studies.heads.conditions_table`)."""
+    data = intervals.assign(condition=intervals["condition"].map(HEAD_CONDITIONS))
+    order = list(HEAD_CONDITIONS.values())
+    y = alt.Y("condition:N", sort=order, title=None)
+    pooled = alt.Chart(data[data["task"] == "all"]).encode(y=y)
+    bars = pooled.mark_bar().encode(
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy (all tasks pooled; dots: per task)"),
+        color=alt.Color("condition:N", scale=HEAD_COLORS, sort=order, legend=None),
+        tooltip=["condition:N", "n:Q", alt.Tooltip("accuracy:Q", format=".2f"),
+                 alt.Tooltip("lo:Q", title="95% CI low", format=".2f"),
+                 alt.Tooltip("hi:Q", title="95% CI high", format=".2f")])
+    rules = pooled.mark_rule(color="black").encode(x="lo:Q", x2="hi:Q")
+    dots = alt.Chart(data[data["task"] != "all"]).mark_point(color="black", size=30, filled=True, opacity=0.6).encode(
+        y=y, x="accuracy:Q", tooltip=["task:N", "condition:N", "n:Q", alt.Tooltip("accuracy:Q", format=".2f")])
+    return alt.layer(bars, rules, dots).properties(width="container", height=alt.Step(24))
+
+
+def theta_and_heads(per_task: pd.DataFrame) -> alt.Chart:
+    """Where θ comes from, per task: the cosine of the function vector with θ minus the query's own state
+    (top), and Hypothesis accuracy with θ read as is, with the top heads ablated and with as many other heads
+    ablated (bottom). ``per_task``: task, cosine, hypothesis, hypothesis_ablated, hypothesis_ablated_other."""
+    cos = alt.Chart(per_task).mark_bar(color="#54a24b").encode(
+        y=alt.Y("task:N", title=None), x=alt.X("cosine:Q", scale=alt.Scale(domain=[-1, 1]),
+                                              title="cosine(FV, θ − query state)"),
+        tooltip=["task:N", alt.Tooltip("cosine:Q", format="+.2f")]).properties(width="container", height=alt.Step(18))
+    long = per_task.melt(id_vars="task", value_vars=["hypothesis", "hypothesis_ablated", "hypothesis_ablated_other"],
+                         var_name="condition",
+                         value_name="accuracy")
+    long["condition"] = long["condition"].map(HEAD_CONDITIONS)
+    pair = alt.Chart(long).encode(y=alt.Y("task:N", title=None))
+    dots = pair.mark_point(size=70, filled=True).encode(
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="Hypothesis accuracy"),
+        color=alt.Color("condition:N", scale=HEAD_COLORS, legend=alt.Legend(title=None, orient="bottom")),
+        tooltip=["task:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")])
+    line = pair.mark_line(color="#9e9e9e").encode(x="accuracy:Q", detail="task:N")
+    return alt.vconcat(cos, alt.layer(line, dots).properties(width="container", height=alt.Step(18)))

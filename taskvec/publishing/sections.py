@@ -31,6 +31,8 @@ from ..store import Store
 from ..study import ModelRef, Skip, cached, key_of
 from ..studies import analysis, stats
 from ..studies.context import DEFAULT_TASKS, Sizes
+from ..studies.heads import DEFAULT_TASKS as HEADS_DEFAULT_TASKS
+from ..studies.heads import FvSizes, HeadSizes
 from ..studies.long_answers import LongAnswerParams
 from ..tasks import load_task, load_tasks
 
@@ -42,7 +44,7 @@ class _Settings(Settings):
     def _protocol(cls, value):
         return Protocol(**value) if isinstance(value, dict) else value
 
-    @field_validator("models", "tasks", "run_on", "long_tasks", "needs_tasks", "compare_tasks", mode="before",
+    @field_validator("models", "tasks", "run_on", "long_tasks", "needs_tasks", "heads_tasks", "compare_tasks", mode="before",
                      check_fields=False)
     @classmethod
     def _names(cls, value):
@@ -176,23 +178,50 @@ class Needs(Section, _Tasks, _RunOn, Sizes):
 
     def chosen_tasks(self) -> list[str]:
         """``needs_tasks``, or the default tasks the main experiment runs; each must be among its tasks."""
-        main_tasks = list(self.tasks)
-        chosen = list(self.needs_tasks)
-        if not chosen:
-            chosen = [t for t in DEFAULT_TASKS if not main_tasks or t in main_tasks]
-            if not chosen:
-                raise SettingError(f"none of the default tasks ({', '.join(DEFAULT_TASKS)}) is among the main "
-                                   f"experiment's ({', '.join(main_tasks)}): set needs_tasks")
-        load_tasks(chosen)
-        outside = [t for t in chosen if main_tasks and t not in main_tasks]
-        if outside:
-            raise SettingError(f"needs_tasks {', '.join(outside)} are not among the main experiment's tasks "
-                               f"({', '.join(main_tasks)}): their layer would be unknown")
-        return chosen
+        return _chosen_tasks(list(self.tasks), list(self.needs_tasks), DEFAULT_TASKS, "needs_tasks")
 
     @property
     def sizes(self) -> Sizes:
         return Sizes(**{name: getattr(self, name) for name in Sizes.model_fields})
+
+
+def _chosen_tasks(main_tasks: list[str], chosen: list[str], defaults: Sequence[str], setting: str) -> list[str]:
+    """``chosen``, or those of ``defaults`` the main experiment runs (``main_tasks``, empty: all); each must be
+    among the main experiment's tasks, since a page reads its layer from there."""
+    if not chosen:
+        chosen = [t for t in defaults if not main_tasks or t in main_tasks]
+        if not chosen:
+            raise SettingError(f"none of the default tasks ({', '.join(defaults)}) is among the main "
+                               f"experiment's ({', '.join(main_tasks)}): set {setting}")
+    load_tasks(chosen)
+    outside = [t for t in chosen if main_tasks and t not in main_tasks]
+    if outside:
+        raise SettingError(f"{setting} {', '.join(outside)} are not among the main experiment's tasks "
+                           f"({', '.join(main_tasks)}): their layer would be unknown")
+    return chosen
+
+
+class Heads(Section, _Tasks, _RunOn, HeadSizes, FvSizes):
+    notebook: ClassVar[str] = "heads"
+    heads_tasks: list[str] = Field([], description="tasks of the main experiment to run; empty: "
+                                                   "taskvec.studies.heads.DEFAULT_TASKS that the main experiment runs")
+
+    @model_validator(mode="after")
+    def _heads_tasks(self):
+        self.chosen_tasks()
+        return self
+
+    def chosen_tasks(self) -> list[str]:
+        """``heads_tasks``, or the default tasks the main experiment runs; each must be among its tasks."""
+        return _chosen_tasks(list(self.tasks), list(self.heads_tasks), HEADS_DEFAULT_TASKS, "heads_tasks")
+
+    @property
+    def sizes(self) -> HeadSizes:
+        return HeadSizes(**{name: getattr(self, name) for name in HeadSizes.model_fields})
+
+    @property
+    def fv_sizes(self) -> FvSizes:
+        return FvSizes(**{name: getattr(self, name) for name in FvSizes.model_fields})
 
 
 class Comparison(Section, _Tasks, _Beside):
@@ -215,10 +244,10 @@ class Intro(Section, _Tasks, _Beside):
 #: Each section's settings, by notebook name, in the order they run: the intro reads every other section's
 #: finding, so it runs last (the table of contents puts it first).
 SECTIONS: dict[str, type[Section]] = {cls.notebook: cls for cls in (
-    Data, FindingL, Accuracy, Geometry, Dominance, Interpretation, Beyond, Needs, Comparison, Provenance, Intro)}
+    Data, FindingL, Accuracy, Geometry, Dominance, Interpretation, Beyond, Needs, Heads, Comparison, Provenance, Intro)}
 
 #: The pages whose findings the intro's table lists, in reading order.
-FINDING_PAGES = ("finding_L", "accuracy", "geometry", "dominance", "interpretation", "beyond", "needs")
+FINDING_PAGES = ("finding_L", "accuracy", "geometry", "dominance", "interpretation", "beyond", "needs", "heads")
 
 
 def _literal(value) -> str:
@@ -615,3 +644,23 @@ def theta_needs(name: str, result: MainResult, tasks: str | Sequence[str], sizes
     setting = remote_setting(remote)
     return study.run(name, ran, result.protocol, {t.name: layers[t.name] for t in ran}, sizes, store_for(cache_dir),
                      loader=lambda n: model(n, setting, result.protocol.dtype), remote=setting, progress=False)
+
+
+def heads_study(name: str, result: MainResult, tasks: str | Sequence[str], sizes: HeadSizes, fv_sizes: FvSizes,
+                cache_dir: str | None = None, remote: bool | str = False):
+    """Attention heads and function vectors on model ``name`` (:func:`taskvec.studies.heads.run_all`, cached
+    per task), θ at each task's analysis layer from the main experiment (:func:`analysis_layers`); tasks the
+    main experiment skipped are left out."""
+    from ..studies import heads as study
+
+    layers, _ = analysis_layers(result)
+    chosen = load_tasks(as_list(tasks))
+    outside = [t.name for t in chosen if t.name not in layers]
+    if outside:
+        raise SettingError(f"task(s) {', '.join(outside)} are not in the main experiment of {name} "
+                           f"(its tasks: {', '.join(layers)}); their layer would be unknown")
+    ran = [t for t in chosen if layers[t.name] >= 0]
+    setting = remote_setting(remote)
+    return study.run_all(name, ran, result.protocol, {t.name: layers[t.name] for t in ran}, sizes, fv_sizes,
+                         store_for(cache_dir), loader=lambda n: model(n, setting, result.protocol.dtype),
+                         remote=setting, progress=False)
