@@ -817,7 +817,7 @@ def head_sweep_probs(model: TaskModel, texts: Sequence[str], targets: Sequence[i
     ``values[j]``: (n_heads, head_dim) for ``layers[j]`` (default: all layers), the output each head is set
     to at the last token (the same in every text, e.g. the head's mean over in-context prompts). Returns
     (clean (n_texts,), patched (n_texts, len(layers), n_heads)) float32: in patched ``[i, j, h]`` only head
-    ``h`` of ``layers[j]`` is replaced. Each text minus its last token runs once into a key/value cache;
+    ``h`` of ``layers[j]`` is replaced (NaN where that layer has fewer heads). Each text minus its last token runs once into a key/value cache;
     every (text, head) row recomputes only the last token, and the probabilities are computed where the
     model runs (no vocabulary-wide logits travel).
     """
@@ -858,7 +858,7 @@ def head_sweep_probs(model: TaskModel, texts: Sequence[str], targets: Sequence[i
         members.append(chosen)
     results = _requests(model, phase, units, _patched_session)
     clean = torch.empty(n)
-    patched = torch.empty(n, len(layers), max(v.shape[0] for v in values))
+    patched = torch.full((n, len(layers), max(v.shape[0] for v in values)), float("nan"))  # NaN: no such head
     for chosen, value in zip(members, results):
         grid = value.cpu().float().view(len(blocks) + 1, len(chosen))
         clean[chosen] = grid[0]

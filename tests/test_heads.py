@@ -235,3 +235,11 @@ def test_the_fv_study_is_cached_ranked_over_tasks_done_in_context_and_tested_on_
     monkeypatch.setattr(H, "task_heads", lambda *a, **k: pytest.fail("a cached unit is not computed again"))
     again = H.run_all(tiny_gpt2, [task], protocol, {"upper": 1}, sizes, fv_sizes, store=store, progress=False)
     assert again.fv["upper"].side.equals(fv.side) and again.fv["upper"].k == fv.k and again.ranking == first.ranking
+
+
+def test_top_heads_never_picks_a_missing_head():
+    """Layers with fewer heads leave NaN cells in the map (head_sweep_probs fills them so): never ranked."""
+    effect = torch.tensor([[0.1, float("nan")], [0.3, 0.2]])
+    assert H.top_heads(effect, 3) == [(1, 0), (1, 1), (0, 0)]
+    with pytest.raises(ValueError, match="at most the 3 heads"):
+        H.top_heads(effect, 4)

@@ -104,6 +104,33 @@ def test_new_families_remote_equal_local(ndif_server, model_type):
     assert mechanism.generate(far, TEXTS, 4, vectors[:, 0], 0) == mechanism.generate(near, TEXTS, 4, vectors[:, 0], 0)
 
 
+def test_heads_study_through_the_server_equals_local(ndif_server):
+    """The heads study end to end (means, indirect effects, the FV through OLMo 3's attention-output norm, its
+    dev sweep, every condition with the ablations, the cosine) through the real server equals it run here."""
+    from conftest import char_tokenizer
+    from families import tiny_family_model
+    from taskvec.models import wrap
+    from taskvec.studies import heads as H
+    from taskvec.tasks import Example, Task
+
+    far = load_model(ndif_server.models["olmo3"], remote=ndif_server.host)
+    near = wrap(tiny_family_model("olmo3"), char_tokenizer(), name="tiny-olmo3", weights_sha256="local")
+    task = Task("upper", "test", "lower to upper", "exact",
+                tuple(Example(c, (c.upper(),)) for c in "abcdefghijklmnopqrstuvwxyz"))
+    protocol = Protocol(n_shots=3)
+    sizes, fv_sizes = H.HeadSizes(n_mean=4, n_corrupt=3), H.FvSizes(ks=[1, 2], n_fv_dev=4, n_fv_test=5, n_ablate=2)
+    a, b = (H.run_all(m, [task], protocol, {"upper": 1}, sizes, fv_sizes, progress=False) for m in (far, near))
+    torch.testing.assert_close(a.heads["upper"].effect, b.heads["upper"].effect, rtol=1e-4, atol=1e-5)
+    for x, y in zip(a.heads["upper"].means + a.heads["upper"].corrupt_means,
+                    b.heads["upper"].means + b.heads["upper"].corrupt_means):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * float(y.abs().max()))
+    assert a.ranking == b.ranking
+    fa, fb = a.fv["upper"], b.fv["upper"]
+    assert (fa.k, fa.fv_layer) == (fb.k, fb.fv_layer) and fa.cosine == pytest.approx(fb.cosine, abs=1e-4)
+    pd.testing.assert_frame_equal(fa.side, fb.side)
+    pd.testing.assert_frame_equal(fa.dev, fb.dev)
+
+
 def test_a_phase_is_one_request(served):
     far, _ = served
     with mechanism.track_usage() as usage:

@@ -109,13 +109,16 @@ def average_indirect_effect(effects: Mapping[str, torch.Tensor], does_icl: Mappi
 
 def top_heads(effect: torch.Tensor, k: int) -> list[tuple[int, int]]:
     """The ``k`` (layer, head) pairs of largest effect in an (n_layers, n_heads) map, largest first (ties
-    broken by layer, then head)."""
+    broken by layer, then head); NaN cells (no such head) are never chosen."""
     if effect.dim() != 2:
         raise ValueError(f"effect must be (n_layers, n_heads), got {tuple(effect.shape)}")
     if not 0 < k <= effect.numel():
         raise ValueError(f"k must be in 1..{effect.numel()}, got {k}")
-    n_heads = effect.shape[1]
-    flat = sorted(range(effect.numel()), key=lambda i: (-float(effect.flatten()[i]), i))
+    n_heads, values = effect.shape[1], effect.flatten().tolist()
+    present = [i for i, v in enumerate(values) if v == v]  # NaN: a layer with fewer heads has none there
+    if k > len(present):
+        raise ValueError(f"k must be at most the {len(present)} heads the map has, got {k}")
+    flat = sorted(present, key=lambda i: (-values[i], i))
     return [(i // n_heads, i % n_heads) for i in flat[:k]]
 
 
