@@ -817,9 +817,9 @@ def head_sweep_probs(model: TaskModel, texts: Sequence[str], targets: Sequence[i
     ``values[j]``: (n_heads, head_dim) for ``layers[j]`` (default: all layers), the output each head is set
     to at the last token (the same in every text, e.g. the head's mean over in-context prompts). Returns
     (clean (n_texts,), patched (n_texts, len(layers), n_heads)) float32: in patched ``[i, j, h]`` only head
-    ``h`` of ``layers[j]`` is replaced (NaN where that layer has fewer heads). Each text minus its last token runs once into a key/value cache;
-    every (text, head) row recomputes only the last token, and the probabilities are computed where the
-    model runs (no vocabulary-wide logits travel).
+    ``h`` of ``layers[j]`` is replaced (NaN where that layer has fewer heads). Each text minus its last token
+    runs once into a key/value cache; every (text, head) row recomputes only the last token, and the
+    probabilities are computed where the model runs (no vocabulary-wide logits travel).
     """
     n = len(texts)
     layers = list(range(model.n_layers) if layers is None else layers)
