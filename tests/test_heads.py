@@ -235,6 +235,9 @@ def test_the_fv_study_is_cached_ranked_over_tasks_done_in_context_and_tested_on_
     monkeypatch.setattr(H, "task_heads", lambda *a, **k: pytest.fail("a cached unit is not computed again"))
     again = H.run_all(tiny_gpt2, [task], protocol, {"upper": 1}, sizes, fv_sizes, store=store, progress=False)
     assert again.fv["upper"].side.equals(fv.side) and again.fv["upper"].k == fv.k and again.ranking == first.ranking
+    assert fv.words.empty and again.fv["upper"].words.empty and list(again.fv["upper"].words.columns) == [
+        "query", "condition", "correct"]  # no template for this task: nothing in words, stored and read back
+    assert H.paired(again, "words_fv", "words", part="words")["n"] == 0
 
 
 def test_top_heads_never_picks_a_missing_head():
@@ -243,3 +246,25 @@ def test_top_heads_never_picks_a_missing_head():
     assert H.top_heads(effect, 3) == [(1, 0), (1, 1), (0, 0)]
     with pytest.raises(ValueError, match="at most the 3 heads"):
         H.top_heads(effect, 4)
+
+
+def test_queries_in_words_zero_fv_is_the_words_alone_and_tasks_without_a_template_have_none(tiny_gpt2, monkeypatch):
+    from taskvec.settings import Protocol
+
+    task = _upper_task()
+    args = (tiny_gpt2, task, Protocol(), 1, torch.zeros(tiny_gpt2.d_model), 2)
+    assert H.in_words(*args, n_test=5).empty  # no template for this task
+    monkeypatch.setitem(H.TEMPLATES, "upper", "Big {x} is")
+    assert H.words_format("upper").query("q") == "Big q is" and H.words_format("upper").line("q", "Q") == "Big q is Q"
+    frame = H.in_words(*args, n_test=5)
+    assert list(frame["condition"].unique()) == list(H.WORDS_CONDITIONS) and len(frame) == 15
+    by = frame.pivot(index="query", columns="condition", values="correct")
+    assert by["words_fv"].tolist() == by["words"].tolist()
+
+
+def test_every_template_reads_its_input_once_and_names_a_real_task():
+    from taskvec import list_tasks
+
+    assert set(H.TEMPLATES) <= set(list_tasks())
+    for name, template in H.TEMPLATES.items():
+        assert template.count("{x}") == 1 and not template.endswith(" "), name

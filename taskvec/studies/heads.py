@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .. import mechanism
 from ..models import TaskModel, load_model
-from ..prompts import FewShotPrompt, TooFewExamples, sample_prompts, sample_queries
+from ..prompts import FewShotPrompt, PromptFormat, TooFewExamples, sample_prompts, sample_queries
 from ..scoring import Scorer, answer_start
 from ..settings import Count, Protocol, Settings
 from ..errors import SettingError
@@ -318,6 +318,75 @@ def theta_fv_cosine(model: TaskModel, task: Task, protocol: Protocol, layer: int
     return float(torch.nn.functional.cosine_similarity(theta - alone, fv.float(), dim=0))
 
 
+# --- in words instead of example:x-> ------------------------------------------------------------------------
+
+#: A query in words for the tasks where one reads naturally (Todd et al.'s portability test): ``{x}`` is the
+#: input, the answer follows after a space. Tasks without one are not tested in words.
+TEMPLATES = {
+    "en_es": "The word '{x}' in Spanish is",
+    "en_fr": "The word '{x}' in French is",
+    "es_en": "The Spanish word '{x}' in English is",
+    "fr_en": "The French word '{x}' in English is",
+    "antonyms": "The opposite of '{x}' is",
+    "country_capital": "The capital of {x} is",
+    "location_continent": "{x} is on the continent of",
+    "present_past": "The past tense of '{x}' is",
+    "present_gerund": "The -ing form of '{x}' is",
+    "plural_singular": "The singular of '{x}' is",
+    "next_letter": "In the alphabet, the letter after {x} is",
+    "prev_letter": "In the alphabet, the letter before {x} is",
+}
+
+
+@dataclass(frozen=True)
+class WordsFormat(PromptFormat):
+    """A query in words (:data:`TEMPLATES`, with ``{y}`` appended): the input as it is, the answer after a space."""
+
+    def _x(self, x: str) -> str:
+        return x
+
+    def answer(self, y: str) -> str:
+        return " " + y
+
+
+def words_format(task_name: str) -> WordsFormat | None:
+    """The task's query in words, or None where :data:`TEMPLATES` has none."""
+    template = TEMPLATES.get(task_name)
+    return WordsFormat(template=template + "{y}") if template else None
+
+
+#: The conditions of :func:`in_words`, in the book's order.
+WORDS_CONDITIONS = ("words", "words_theta", "words_fv")
+
+
+def in_words(model: TaskModel, task: Task, protocol: Protocol, layer: int, fv: torch.Tensor, fv_layer: int,
+             n_test: int = 25) -> pd.DataFrame:
+    """The test prompts' queries in words (:func:`words_format`) under :data:`WORDS_CONDITIONS`: alone, with θ of
+    the prompt (read in the protocol's format) replacing the state after ``layer``, and with the FV added after
+    ``fv_layer``; scored by first token as the main experiment scores. One row per (query, condition); empty
+    for a task without a template."""
+    fmt, _ = protocol.usable(task, model.tokenizer)
+    words = words_format(task.name)
+    if words is None:
+        return pd.DataFrame(columns=["query", "condition", "correct"])
+    prompts = heads_test_prompts(task, protocol, model.tokenizer, n_test)
+    texts = [words.query(p.query.input) for p in prompts]
+    theta = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts], protocol.batch_size,
+                                   "heads extract (words)")
+    fvs = torch.zeros(len(prompts), model.n_layers, model.d_model)
+    fvs[:, fv_layer] = fv
+    ids = {"words": mechanism.next_tokens(model, texts, protocol.batch_size, "heads words"),
+           "words_theta": mechanism.patched_next_tokens(model, texts, theta, [layer], protocol.patch_batch_size,
+                                                        "heads words θ")[0],
+           "words_fv": mechanism.patched_next_tokens(model, texts, fvs, [fv_layer], protocol.patch_batch_size,
+                                                     "heads words fv", add=True)[0]}
+    score = Scorer(task, model.tokenizer, words, protocol.prefix_rule)
+    examples = [p.query for p in prompts]
+    rows = [{"query": i, "condition": condition, "correct": bool(ok)}
+            for condition in WORDS_CONDITIONS for i, ok in enumerate(score(ids[condition].tolist(), examples))]
+    return pd.DataFrame(rows, columns=["query", "condition", "correct"])
+
+
 # --- the function vector beside θ, one task, cached ------------------------------------------------------
 
 class FvSizes(Settings):
@@ -340,17 +409,21 @@ class FvTaskResult:
     k: int
     fv_layer: int
     cosine: float
+    words: pd.DataFrame  #: in_words' rows (none for a task without a template)
 
     def save(self, folder: Path) -> None:
         write_records(folder / "dev.jsonl", self.dev)
         write_records(folder / "side.jsonl", self.side)
+        write_records(folder / "words.jsonl", self.words)
         write_json(folder / "fv.json", {"k": self.k, "fv_layer": self.fv_layer, "cosine": self.cosine})
 
     @classmethod
     def load(cls, folder: Path) -> "FvTaskResult":
         chosen = read_json(folder / "fv.json")
+        words = read_records(folder / "words.jsonl")
         return cls(read_records(folder / "dev.jsonl"), read_records(folder / "side.jsonl"), int(chosen["k"]),
-                   int(chosen["fv_layer"]), float(chosen["cosine"]))
+                   int(chosen["fv_layer"]), float(chosen["cosine"]),
+                   words if len(words) else pd.DataFrame(columns=["query", "condition", "correct"]))
 
 
 #: The function vector beside θ in the cache: one entry per (model, task, protocol, layer, heads, sizes).
@@ -363,7 +436,7 @@ def task_fv(model: TaskModel, task: Task, protocol: Protocol, layer: int, heads:
     the average indirect effect's order): k and the layer chosen on dev queries (not the test queries), then
     every condition of :data:`CONDITIONS` on the test prompts with θ at ``layer``, the top
     ``sizes.n_ablate`` heads set to their shuffled-label means for the ablated Hypothesis (and as many other
-    heads, drawn seeded from the rest, for its control), and the cosine."""
+    heads, drawn seeded from the rest, for its control), the cosine, and the test queries in words."""
     fmt, _ = protocol.usable(task, model.tokenizer)
     try:
         prompts = heads_test_prompts(task, protocol, model.tokenizer, sizes.n_fv_test)
@@ -382,7 +455,8 @@ def task_fv(model: TaskModel, task: Task, protocol: Protocol, layer: int, heads:
     side = side_by_side(model, task, protocol, layer, vectors[k], fv_layer, sizes.n_fv_test,
                         _set_to(top, heads.corrupt_means), _set_to(other, heads.corrupt_means))
     cosine = theta_fv_cosine(model, task, protocol, layer, vectors[k], sizes.n_fv_test)
-    return FvTaskResult(dev, side, k, fv_layer, cosine)
+    words = in_words(model, task, protocol, layer, vectors[k], fv_layer, sizes.n_fv_test)
+    return FvTaskResult(dev, side, k, fv_layer, cosine, words)
 
 
 def _set_to(heads: Sequence[tuple[int, int]], means: Sequence[torch.Tensor]) -> dict[int, tuple[list[int], torch.Tensor]]:
@@ -465,17 +539,28 @@ def effect_table(result: HeadsRun) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["task", "layer", "head", "effect"])
 
 
-def conditions_table(result: HeadsRun) -> pd.DataFrame:
+def _rows(result: HeadsRun, part: str) -> pd.DataFrame:
+    """Every task's rows of ``part`` ("side": :func:`side_by_side`, "words": :func:`in_words`), with a task column."""
+    frames = [getattr(r, part).assign(task=name) for name, r in result.fv.items() if len(getattr(r, part))]
+    if not frames:
+        return pd.DataFrame(columns=["query", "condition", "correct", "task"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def conditions_table(result: HeadsRun, part: str = "side") -> pd.DataFrame:
     """Per task and condition (and "all" tasks pooled): n, accuracy and its Wilson interval."""
-    side = pd.concat([r.side.assign(task=name) for name, r in result.fv.items()], ignore_index=True)
+    side = _rows(result, part)
     pooled = side.assign(task="all")
     return stats.task_intervals(pd.concat([side, pooled], ignore_index=True))
 
 
-def paired(result: HeadsRun, a: str, b: str) -> dict:
+def paired(result: HeadsRun, a: str, b: str, part: str = "side") -> dict:
     """McNemar's exact test of conditions ``a`` and ``b`` on the same test queries, pooled over tasks (each
     (task, query) one pair), with both accuracies: n, a_only, b_only, difference, p_value, a, b."""
-    side = pd.concat([r.side.assign(task=name) for name, r in result.fv.items()], ignore_index=True)
+    side = _rows(result, part)
+    if side.empty:
+        return {"n": 0, "a_only": 0, "b_only": 0, "difference": float("nan"), "p_value": 1.0, "a": float("nan"),
+                "b": float("nan")}
     wide = side.pivot_table(index=["task", "query"], columns="condition", values="correct", aggfunc="first")
     test = stats.mcnemar(wide[a].to_numpy(bool), wide[b].to_numpy(bool))
     return {**test, "a": float(wide[a].mean()), "b": float(wide[b].mean())}
