@@ -77,6 +77,7 @@ def test_control_verdict_flips_with_the_test_and_names_no_mechanism():
 def test_paired_accuracy_verdict_flips_with_the_test():
     assert V.paired_accuracy_verdict("the FV", "Baseline", 0.6, 0.1, 50, 1e-6).startswith("The FV gets more answers right")
     assert "gets fewer answers right" in V.paired_accuracy_verdict("FV", "Baseline", 0.1, 0.6, 50, 1e-6)
+    assert V.paired_accuracy_verdict("θ added", "Hypothesis", 0.1, 0.6, 50, 1e-6).startswith("θ added gets fewer")
     null = V.paired_accuracy_verdict("FV", "Baseline", 0.14, 0.1, 50, 0.5)
     assert "no detectable difference" in null and "not a proof" in null
     assert "No query" in V.paired_accuracy_verdict("FV", "Baseline", float("nan"), float("nan"), 0, 1.0)

@@ -484,7 +484,7 @@ def head_conditions(intervals: pd.DataFrame) -> alt.Chart:
     y = alt.Y("condition:N", sort=order, title=None)
     pooled = alt.Chart(data[data["task"] == "all"]).encode(y=y)
     bars = pooled.mark_bar().encode(
-        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy (all tasks pooled; dots: per task)"),
+        x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy (bars: all tasks; dots: each)"),
         color=alt.Color("condition:N", scale=HEAD_COLORS, sort=order, legend=None),
         tooltip=["condition:N", "n:Q", alt.Tooltip("accuracy:Q", format=".2f"),
                  alt.Tooltip("lo:Q", title="95% CI low", format=".2f"),
@@ -498,19 +498,23 @@ def head_conditions(intervals: pd.DataFrame) -> alt.Chart:
 def theta_and_heads(per_task: pd.DataFrame) -> alt.Chart:
     """Where θ comes from, per task: the cosine of the function vector with θ minus the query's own state
     (top), and Hypothesis accuracy with θ read as is, with the top heads ablated and with as many other heads
-    ablated (bottom). ``per_task``: task, cosine, hypothesis, hypothesis_ablated, hypothesis_ablated_other."""
+    ablated (bottom). ``per_task``: task, cosine, hypothesis, hypothesis_ablated, hypothesis_ablated_other.
+    Fixed widths: a concatenation cannot take the container's (it would collapse on a phone)."""
+    width = 240
     cos = alt.Chart(per_task).mark_bar(color="#54a24b").encode(
         y=alt.Y("task:N", title=None), x=alt.X("cosine:Q", scale=alt.Scale(domain=[-1, 1]),
                                               title="cosine(FV, θ − query state)"),
-        tooltip=["task:N", alt.Tooltip("cosine:Q", format="+.2f")]).properties(width="container", height=alt.Step(18))
-    long = per_task.melt(id_vars="task", value_vars=["hypothesis", "hypothesis_ablated", "hypothesis_ablated_other"],
-                         var_name="condition",
-                         value_name="accuracy")
+        tooltip=["task:N", alt.Tooltip("cosine:Q", format="+.2f")]).properties(width=width, height=alt.Step(18))
+    shown = ["hypothesis", "hypothesis_ablated", "hypothesis_ablated_other"]
+    long = per_task.melt(id_vars="task", value_vars=shown, var_name="condition", value_name="accuracy")
     long["condition"] = long["condition"].map(HEAD_CONDITIONS)
+    names = [HEAD_CONDITIONS[c] for c in shown]
+    colors = alt.Scale(domain=names, range=[HEAD_COLORS.range[list(HEAD_CONDITIONS).index(c)] for c in shown])
     pair = alt.Chart(long).encode(y=alt.Y("task:N", title=None))
     dots = pair.mark_point(size=70, filled=True).encode(
         x=alt.X("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="Hypothesis accuracy"),
-        color=alt.Color("condition:N", scale=HEAD_COLORS, legend=alt.Legend(title=None, orient="bottom")),
+        color=alt.Color("condition:N", scale=colors, sort=names,
+                        legend=alt.Legend(title=None, orient="bottom", direction="vertical")),
         tooltip=["task:N", "condition:N", alt.Tooltip("accuracy:Q", format=".2f")])
     line = pair.mark_line(color="#9e9e9e").encode(x="accuracy:Q", detail="task:N")
-    return alt.vconcat(cos, alt.layer(line, dots).properties(width="container", height=alt.Step(18)))
+    return alt.vconcat(cos, alt.layer(line, dots).properties(width=width, height=alt.Step(18)))

@@ -121,7 +121,8 @@ def paired_accuracy_verdict(a: str, b: str, acc_a: float, acc_b: float, n: int, 
         return f"No query was scored under both {a} and {b}."
     if p_value < alpha:
         side = "more" if acc_a > acc_b else "fewer"
-        return (f"{a[:1].upper()}{a[1:]} gets {side} answers right than {b} ({acc_a:.2f} against {acc_b:.2f} on {n} "
+        opening = a[:1].upper() + a[1:] if a[:1].isascii() else a  # "θ added" stays lower case
+        return (f"{opening} gets {side} answers right than {b} ({acc_a:.2f} against {acc_b:.2f} on {n} "
                 f"queries, McNemar p = {p_value:.2g}).")
     return (f"On these {n} queries there is no detectable difference between {a} and {b} ({acc_a:.2f} against "
             f"{acc_b:.2f}, McNemar p = {p_value:.2g}); that is not a proof that they are equal.")
