@@ -57,9 +57,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--tasks", default="all", help="'all', a number N (first N tasks), or comma-separated names")
-    parser.add_argument("--n-dev", type=int, default=Protocol.n_dev)
-    parser.add_argument("--n-test", type=int, default=Protocol.n_test)
-    parser.add_argument("--n-baseline", type=int, default=Protocol.n_baseline)
+    parser.add_argument("--n-dev", type=int, default=Protocol.model_fields["n_dev"].default)
+    parser.add_argument("--n-test", type=int, default=Protocol.model_fields["n_test"].default)
+    parser.add_argument("--n-baseline", type=int, default=Protocol.model_fields["n_baseline"].default)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="weights' dtype (default: the model's, float32 on a CPU)")
     parser.add_argument("--compare", metavar="DIR", help="a folder written by --save: count predictions that differ")
