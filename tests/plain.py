@@ -3,6 +3,8 @@ no key/value cache reuse. What taskvec computes through nnsight must equal these
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from taskvec.arch import residual
@@ -61,9 +63,10 @@ def plain_heads(model, text: str, layer: int) -> torch.Tensor:
     return seen["x"].reshape(n_heads, head_dim)
 
 
-def plain_head_patched_logits(model, text: str, layer: int, heads, values: torch.Tensor) -> torch.Tensor:
-    """Last-position logits with ``heads`` of ``layer`` at the last token set to ``values`` (len(heads), head_dim)
-    in the input of the attention output projection (a plain pre-hook)."""
+@contextmanager
+def heads_set(model, layer: int, heads, values: torch.Tensor):
+    """Within: ``heads`` of ``layer`` at the last token set to ``values`` (len(heads), head_dim) in the input of
+    the attention output projection (a plain pre-hook)."""
     _, head_dim = model.arch.head_shape(layer)
 
     def replace(mod, args):
@@ -74,9 +77,15 @@ def plain_head_patched_logits(model, text: str, layer: int, heads, values: torch
 
     hook = model.arch.head_module(model.hf, layer).register_forward_pre_hook(replace)
     try:
-        return plain_logits(model, text)
+        yield
     finally:
         hook.remove()
+
+
+def plain_head_patched_logits(model, text: str, layer: int, heads, values: torch.Tensor) -> torch.Tensor:
+    """Last-position logits with ``heads`` of ``layer`` at the last token set to ``values`` (:func:`heads_set`)."""
+    with heads_set(model, layer, heads, values):
+        return plain_logits(model, text)
 
 
 def plain_generate(model, text: str, steps: int, layer: int | None = None, vector: torch.Tensor | None = None,
@@ -126,18 +135,6 @@ def plain_attention_share(model, text: str, layer: int) -> torch.Tensor:
 
 
 def plain_last_hidden_with_heads(model, text: str, layer: int, heads, values: torch.Tensor) -> torch.Tensor:
-    """(n_layers, d_model) as :func:`plain_last_hidden`, with ``heads`` of ``layer`` at the last token set to
-    ``values`` (len(heads), head_dim) in the input of the attention output projection (a plain pre-hook)."""
-    _, head_dim = model.arch.head_shape(layer)
-
-    def replace(mod, args):
-        x = args[0].clone()
-        for j, head in enumerate(heads):
-            x[:, -1, head * head_dim:(head + 1) * head_dim] = values[j]
-        return (x, *args[1:])
-
-    hook = model.arch.head_module(model.hf, layer).register_forward_pre_hook(replace)
-    try:
+    """(n_layers, d_model) as :func:`plain_last_hidden`, with ``heads`` of ``layer`` set (:func:`heads_set`)."""
+    with heads_set(model, layer, heads, values):
         return plain_last_hidden(model, text)
-    finally:
-        hook.remove()

@@ -147,19 +147,29 @@ def _attention(block, q_bias=None, q_cols=(), k_cols=(), v_cols=()) -> None:
     block.attn.c_proj.weight.copy_(torch.eye(d))  # the value's coordinates are residual dimensions
 
 
-def planted_model() -> TaskModel:
-    config = GPT2Config(n_embd=D_MODEL, n_layer=N_LAYERS, n_head=1, n_inner=4, n_positions=128,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=EPS,
-                        scale_attn_weights=False, tie_word_embeddings=False, **SMALL)
+def linear_gpt2(**sizes) -> GPT2LMHeadModel:
+    """A GPT-2 of ``sizes`` (n_embd, n_layer, n_head, n_inner, ...) for hand-set weights: every weight zero,
+    no dropout, unscaled attention, untied unembedding, and every LayerNorm linear (epsilon EPS, weight
+    sqrt(EPS): LN(h) = centred h up to a relative 1e-6 for the small residuals planted models have)."""
+    config = GPT2Config(n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=EPS,
+                        scale_attn_weights=False, tie_word_embeddings=False, **{**SMALL, **sizes})
     hf = GPT2LMHeadModel(config).to(torch.float32)
-    tok = char_tokenizer()
-    tid = tok.convert_tokens_to_ids
     with torch.no_grad():
         for p in hf.parameters():
             p.zero_()
         t = hf.transformer
         for norm in [t.ln_f] + [m for b in t.h for m in (b.ln_1, b.ln_2)]:
-            norm.weight.fill_(EPS ** 0.5)  # LN(h) = centred h (see the module docstring)
+            norm.weight.fill_(EPS ** 0.5)
+    return hf
+
+
+def planted_model() -> TaskModel:
+    hf = linear_gpt2(n_embd=D_MODEL, n_layer=N_LAYERS, n_head=1, n_inner=4)
+    config = hf.config
+    tok = char_tokenizer()
+    tid = tok.convert_tokens_to_ids
+    with torch.no_grad():
+        t = hf.transformer
         t.ln_f.bias[BIAS] = FINAL_BIAS
         wte = t.wte.weight
         wte[tid("<bos>"), BOS] = 1.0

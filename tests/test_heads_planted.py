@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from taskvec import mechanism
 from taskvec.models import TaskModel, wrap
@@ -69,7 +68,8 @@ from taskvec.prompts import PromptFormat, sample_prompts, sample_queries
 from taskvec.studies import heads as H
 from taskvec.tasks import Example, Task
 
-from conftest import SMALL, char_tokenizer
+from conftest import char_tokenizer
+from planted import linear_gpt2
 
 LETTERS = "bcdfghijkn"
 N_LAYERS, N_HEADS, HEAD_DIM = 2, 3, 16
@@ -77,7 +77,6 @@ D_MODEL = N_HEADS * HEAD_DIM
 PLANTED = (1, 2)  # (head, layer) swapped is no head; a slice at head 0 or 1 is a decoy's
 CONTENT_DECOY, CONSTANT_DECOY, GATHERER = (1, 0), (1, 1), (0, 0)
 SCALE = 8.0
-EPS = 1e6
 
 # Residual-stream dimensions.
 DUMP, BOS, LF, UF, POS, FLAG, T, CONST = range(8)
@@ -117,18 +116,12 @@ def _head(block, head: int, q_bias=(), k_cols=(), v_cols=()) -> None:
 def planted_model(head: bool = True, gate: bool = True) -> TaskModel:
     """The model of the module docstring; ``head=False`` zeroes the planted head's weights, ``gate=False``
     removes the pairing gate (the layer-0 MLP)."""
-    config = GPT2Config(n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=len(LETTERS), n_positions=128,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=EPS,
-                        activation_function="relu", scale_attn_weights=False, tie_word_embeddings=False, **SMALL)
-    hf = GPT2LMHeadModel(config).to(torch.float32)
+    hf = linear_gpt2(n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=len(LETTERS), activation_function="relu")
+    config = hf.config
     tok = char_tokenizer()
     tid = tok.convert_tokens_to_ids
     with torch.no_grad():
-        for p in hf.parameters():
-            p.zero_()
-        t = hf.transformer
-        for norm in [t.ln_f] + [m for b in t.h for m in (b.ln_1, b.ln_2)]:
-            norm.weight.fill_(EPS ** 0.5)  # LN(h) = centred h, see the docstring
+        t = hf.transformer  # LN(h) = centred h, see the docstring
         t.wte.weight[tid("<bos>"), BOS] = 1.0
         for c in LETTERS:
             t.wte.weight[tid(c), LF] = t.wte.weight[tid(c), ID[c]] = 1.0

@@ -109,6 +109,28 @@ class _RunOn(_Settings):
         return list(self.run_on) or list(self.models)
 
 
+class _Chosen(_Settings):
+    """A section that runs some of the main experiment's tasks: ``chosen_setting`` names its list (empty: those
+    of ``default_tasks`` the main experiment runs), checked with the profile's tasks before any compute."""
+
+    chosen_setting: ClassVar[str] = ""
+    default_tasks: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _chosen(self):
+        self.chosen_tasks()
+        return self
+
+    def chosen_tasks(self) -> list[str]:
+        """The chosen tasks, or the default tasks the main experiment runs; each must be among its tasks."""
+        return _chosen_tasks(list(self.tasks), list(getattr(self, self.chosen_setting)), self.default_tasks,
+                             self.chosen_setting)
+
+    def part(self, settings: type[Settings]) -> Settings:
+        """The fields of ``settings`` (a sizes model this section's parameters include) as that model."""
+        return settings(**{name: getattr(self, name) for name in settings.model_fields})
+
+
 class Data(Section, _Tasks):
     notebook: ClassVar[str] = "data"
     compare_tasks: list[str] = Field([], description="word tasks also run written bare, for the side-by-side; "
@@ -166,23 +188,16 @@ class Beyond(Section, _RunOn, LongAnswerParams):
         return value
 
 
-class Needs(Section, _Tasks, _RunOn, Sizes):
+class Needs(Section, _Tasks, _RunOn, _Chosen, Sizes):
     notebook: ClassVar[str] = "needs"
+    chosen_setting: ClassVar[str] = "needs_tasks"
+    default_tasks: ClassVar[tuple[str, ...]] = tuple(DEFAULT_TASKS)
     needs_tasks: list[str] = Field([], description="tasks of the main experiment to run; empty: "
                                                    "taskvec.studies.context.DEFAULT_TASKS that the main experiment runs")
 
-    @model_validator(mode="after")
-    def _needs_tasks(self):
-        self.chosen_tasks()
-        return self
-
-    def chosen_tasks(self) -> list[str]:
-        """``needs_tasks``, or the default tasks the main experiment runs; each must be among its tasks."""
-        return _chosen_tasks(list(self.tasks), list(self.needs_tasks), DEFAULT_TASKS, "needs_tasks")
-
     @property
     def sizes(self) -> Sizes:
-        return Sizes(**{name: getattr(self, name) for name in Sizes.model_fields})
+        return self.part(Sizes)
 
 
 def _chosen_tasks(main_tasks: list[str], chosen: list[str], defaults: Sequence[str], setting: str) -> list[str]:
@@ -201,27 +216,20 @@ def _chosen_tasks(main_tasks: list[str], chosen: list[str], defaults: Sequence[s
     return chosen
 
 
-class Heads(Section, _Tasks, _RunOn, HeadSizes, FvSizes):
+class Heads(Section, _Tasks, _RunOn, _Chosen, HeadSizes, FvSizes):
     notebook: ClassVar[str] = "heads"
+    chosen_setting: ClassVar[str] = "heads_tasks"
+    default_tasks: ClassVar[tuple[str, ...]] = tuple(HEADS_DEFAULT_TASKS)
     heads_tasks: list[str] = Field([], description="tasks of the main experiment to run; empty: "
                                                    "taskvec.studies.heads.DEFAULT_TASKS that the main experiment runs")
 
-    @model_validator(mode="after")
-    def _heads_tasks(self):
-        self.chosen_tasks()
-        return self
-
-    def chosen_tasks(self) -> list[str]:
-        """``heads_tasks``, or the default tasks the main experiment runs; each must be among its tasks."""
-        return _chosen_tasks(list(self.tasks), list(self.heads_tasks), HEADS_DEFAULT_TASKS, "heads_tasks")
-
     @property
     def sizes(self) -> HeadSizes:
-        return HeadSizes(**{name: getattr(self, name) for name in HeadSizes.model_fields})
+        return self.part(HeadSizes)
 
     @property
     def fv_sizes(self) -> FvSizes:
-        return FvSizes(**{name: getattr(self, name) for name in FvSizes.model_fields})
+        return self.part(FvSizes)
 
 
 class Comparison(Section, _Tasks, _Beside):
@@ -627,13 +635,10 @@ def long_answers(name: str, tasks: str | Sequence[str], protocol: Protocol, max_
                      progress=False)
 
 
-def theta_needs(name: str, result: MainResult, tasks: str | Sequence[str], sizes, cache_dir: str | None = None,
-                remote: bool | str = False):
-    """What θ needs on model ``name`` (:func:`taskvec.studies.context.run`, cached per task), at each task's
-    analysis layer from the main experiment (:func:`analysis_layers`); ``tasks`` the main experiment
-    skipped (too few single-token examples) are left out."""
-    from ..studies import context as study
-
+def _at_layers(name: str, result: MainResult, tasks: str | Sequence[str]):
+    """The tasks of ``tasks`` the main experiment of model ``name`` ran, and each one's analysis layer there
+    (:func:`analysis_layers`); a task it does not have is an error (its layer would be unknown), one it
+    skipped (too few single-token examples) is left out."""
     layers, _ = analysis_layers(result)
     chosen = load_tasks(as_list(tasks))
     outside = [t.name for t in chosen if t.name not in layers]
@@ -641,26 +646,28 @@ def theta_needs(name: str, result: MainResult, tasks: str | Sequence[str], sizes
         raise SettingError(f"task(s) {', '.join(outside)} are not in the main experiment of {name} "
                            f"(its tasks: {', '.join(layers)}); their layer would be unknown")
     ran = [t for t in chosen if layers[t.name] >= 0]
+    return ran, {t.name: layers[t.name] for t in ran}
+
+
+def theta_needs(name: str, result: MainResult, tasks: str | Sequence[str], sizes, cache_dir: str | None = None,
+                remote: bool | str = False):
+    """What θ needs on model ``name`` (:func:`taskvec.studies.context.run`, cached per task), at each task's
+    analysis layer from the main experiment (:func:`_at_layers`)."""
+    from ..studies import context as study
+
+    ran, layers = _at_layers(name, result, tasks)
     setting = remote_setting(remote)
-    return study.run(name, ran, result.protocol, {t.name: layers[t.name] for t in ran}, sizes, store_for(cache_dir),
+    return study.run(name, ran, result.protocol, layers, sizes, store_for(cache_dir),
                      loader=lambda n: model(n, setting, result.protocol.dtype), remote=setting, progress=False)
 
 
 def heads_study(name: str, result: MainResult, tasks: str | Sequence[str], sizes: HeadSizes, fv_sizes: FvSizes,
                 cache_dir: str | None = None, remote: bool | str = False):
     """Attention heads and function vectors on model ``name`` (:func:`taskvec.studies.heads.run_all`, cached
-    per task), θ at each task's analysis layer from the main experiment (:func:`analysis_layers`); tasks the
-    main experiment skipped are left out."""
+    per task), θ at each task's analysis layer from the main experiment (:func:`_at_layers`)."""
     from ..studies import heads as study
 
-    layers, _ = analysis_layers(result)
-    chosen = load_tasks(as_list(tasks))
-    outside = [t.name for t in chosen if t.name not in layers]
-    if outside:
-        raise SettingError(f"task(s) {', '.join(outside)} are not in the main experiment of {name} "
-                           f"(its tasks: {', '.join(layers)}); their layer would be unknown")
-    ran = [t for t in chosen if layers[t.name] >= 0]
+    ran, layers = _at_layers(name, result, tasks)
     setting = remote_setting(remote)
-    return study.run_all(name, ran, result.protocol, {t.name: layers[t.name] for t in ran}, sizes, fv_sizes,
-                         store_for(cache_dir), loader=lambda n: model(n, setting, result.protocol.dtype),
-                         remote=setting, progress=False)
+    return study.run_all(name, ran, result.protocol, layers, sizes, fv_sizes, store_for(cache_dir),
+                         loader=lambda n: model(n, setting, result.protocol.dtype), remote=setting, progress=False)
