@@ -3,6 +3,7 @@ the average over tasks, the ranking and the function vector, on planted data and
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -268,3 +269,20 @@ def test_every_template_reads_its_input_once_and_names_a_real_task():
     assert set(H.TEMPLATES) <= set(list_tasks())
     for name, template in H.TEMPLATES.items():
         assert template.count("{x}") == 1 and not template.endswith(" "), name
+
+
+def test_one_test_pass_serves_every_comparison_as_each_would_compute_it(tiny_gpt2):
+    """θ of the test prompts read once (test_pass) gives the same conditions and cosine as each function reading
+    it itself, and its Baseline is the query alone's next token."""
+    from taskvec import mechanism
+    from taskvec.settings import Protocol
+
+    task, protocol, fv = _upper_task(), Protocol(), torch.randn(tiny_gpt2.d_model)
+    test = H.test_pass(tiny_gpt2, task, protocol, 6)
+    args = (tiny_gpt2, task, protocol, 1, fv, 2, 6)
+    pd.testing.assert_frame_equal(H.side_by_side(*args, test=test), H.side_by_side(*args))
+    assert H.theta_fv_cosine(tiny_gpt2, task, protocol, 1, fv, 6, test=test) == pytest.approx(
+        H.theta_fv_cosine(tiny_gpt2, task, protocol, 1, fv, 6), abs=1e-6)
+    fmt, _ = protocol.usable(task, tiny_gpt2.tokenizer)
+    alone = mechanism.next_tokens(tiny_gpt2, [p.query_text(fmt) for p in test.prompts])
+    assert test.baseline.tolist() == alone.tolist()

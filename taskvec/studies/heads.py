@@ -254,34 +254,63 @@ CONDITIONS = ("baseline", "regular", "hypothesis", "theta_added", "fv_query", "f
 
 
 def heads_test_prompts(task: Task, protocol: Protocol, tokenizer, n_test: int) -> list[FewShotPrompt]:
-    """The ``n_test`` prompts :func:`side_by_side` and :func:`theta_fv_cosine` use (the protocol's shots, dummies
-    and seed; their own split)."""
+    """The ``n_test`` prompts the comparisons use (the protocol's shots, dummies and seed; their own split)."""
     _, usable = protocol.usable(task, tokenizer)
     return sample_prompts(usable, n_test, protocol.n_shots, protocol.seed, "heads-test", protocol.n_dummies)
 
 
+@dataclass
+class TestPass:
+    """What :func:`side_by_side`, :func:`theta_fv_cosine` and :func:`in_words` share on the test prompts,
+    computed once (:func:`test_pass`): θ of each prompt, its Regular answer, and the query alone's states and
+    answer (Baseline)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    prompts: list[FewShotPrompt]
+    theta: torch.Tensor  #: (n, n_layers, d_model)
+    regular: torch.Tensor  #: (n,) token ids
+    alone: torch.Tensor  #: (n, n_layers, d_model): the query alone's last-token states
+    baseline: torch.Tensor  #: (n,) token ids: the query alone's answer
+
+
+def test_pass(model: TaskModel, task: Task, protocol: Protocol, n_test: int) -> TestPass:
+    """θ and Regular of the ``n_test`` test prompts (their demonstrations computed once), and the queries alone."""
+    fmt, _ = protocol.usable(task, model.tokenizer)
+    prompts = heads_test_prompts(task, protocol, model.tokenizer, n_test)
+    theta, regular = mechanism.task_vectors_and_answers(model, [p.dummy_texts(fmt) for p in prompts],
+                                                        [p.regular_text(fmt) for p in prompts], protocol.batch_size,
+                                                        "heads extract + regular")
+    alone, baseline = mechanism.prompt_states(model, [[p.query_text(fmt)] for p in prompts], protocol.batch_size,
+                                              "heads query alone")
+    return TestPass(prompts, theta, regular, alone[:, 0], baseline[:, 0])
+
+
+test_pass.__test__ = False  # a function named test_*: not a pytest test either
+
+
 def side_by_side(model: TaskModel, task: Task, protocol: Protocol, layer: int, fv: torch.Tensor, fv_layer: int,
                  n_test: int = 25, ablate: Mapping[int, tuple[Sequence[int], torch.Tensor]] | None = None,
-                 ablate_other: Mapping[int, tuple[Sequence[int], torch.Tensor]] | None = None) -> pd.DataFrame:
+                 ablate_other: Mapping[int, tuple[Sequence[int], torch.Tensor]] | None = None,
+                 test: TestPass | None = None) -> pd.DataFrame:
     """The test queries of ``n_test`` prompts under every condition of :data:`CONDITIONS`: Baseline (the
     query alone), Regular (the prompt), Hypothesis (θ of the prompt replacing the query's state after
     ``layer``, the paper), θ added there instead, the FV added after ``fv_layer`` to the query alone, and
     to the prompt with its answers shuffled; with ``ablate`` (layer -> (heads, values), as
     :func:`taskvec.mechanism.task_vectors` takes it), Hypothesis with θ read while those heads' last-token
     outputs are set to the values, and with ``ablate_other`` the same for other heads (the control). One row
-    per (query, condition): query, condition, correct."""
-    fmt, usable = protocol.usable(task, model.tokenizer)
-    prompts = heads_test_prompts(task, protocol, model.tokenizer, n_test)
+    per (query, condition): query, condition, correct. ``test``: the test prompts' :func:`test_pass`, if
+    already computed."""
+    fmt, _ = protocol.usable(task, model.tokenizer)
+    test = test or test_pass(model, task, protocol, n_test)
+    prompts, theta = test.prompts, test.theta
     queries = [p.query_text(fmt) for p in prompts]
     shuffled = [shuffled_labels(p, protocol.seed).regular_text(fmt) for p in prompts]
-    theta, regular = mechanism.task_vectors_and_answers(model, [p.dummy_texts(fmt) for p in prompts],
-                                                        [p.regular_text(fmt) for p in prompts], protocol.batch_size,
-                                                        "heads extract + regular")
     fvs = torch.zeros(len(prompts), model.n_layers, model.d_model)
     fvs[:, fv_layer] = fv
     ids = {
-        "baseline": mechanism.next_tokens(model, queries, protocol.batch_size, "heads baseline"),
-        "regular": regular,
+        "baseline": test.baseline,
+        "regular": test.regular,
         "hypothesis": mechanism.patched_next_tokens(model, queries, theta, [layer], protocol.patch_batch_size,
                                                     "heads hypothesis")[0],
         "theta_added": mechanism.patched_next_tokens(model, queries, theta, [layer], protocol.patch_batch_size,
@@ -306,16 +335,12 @@ def side_by_side(model: TaskModel, task: Task, protocol: Protocol, layer: int, f
 
 
 def theta_fv_cosine(model: TaskModel, task: Task, protocol: Protocol, layer: int, fv: torch.Tensor,
-                    n_prompts: int = 25) -> float:
+                    n_prompts: int = 25, test: TestPass | None = None) -> float:
     """How much of θ the function vector points along: the cosine between θ minus the query-only state
-    (both after ``layer``, averaged over ``n_prompts`` prompts) and the FV."""
-    fmt, _ = protocol.usable(task, model.tokenizer)
-    prompts = heads_test_prompts(task, protocol, model.tokenizer, n_prompts)
-    theta = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts], protocol.batch_size,
-                                   "heads cosine extract")[:, layer].mean(dim=0)
-    alone = mechanism.hidden_states(model, [p.query_text(fmt) for p in prompts], protocol.batch_size,
-                                    "heads cosine query")[:, layer].mean(dim=0)
-    return float(torch.nn.functional.cosine_similarity(theta - alone, fv.float(), dim=0))
+    (both after ``layer``, averaged over ``n_prompts`` test prompts, or ``test``'s) and the FV."""
+    test = test or test_pass(model, task, protocol, n_prompts)
+    difference = (test.theta[:, layer] - test.alone[:, layer]).mean(dim=0)
+    return float(torch.nn.functional.cosine_similarity(difference, fv.float(), dim=0))
 
 
 # --- in words instead of example:x-> ------------------------------------------------------------------------
@@ -360,19 +385,17 @@ WORDS_CONDITIONS = ("words", "words_theta", "words_fv")
 
 
 def in_words(model: TaskModel, task: Task, protocol: Protocol, layer: int, fv: torch.Tensor, fv_layer: int,
-             n_test: int = 25) -> pd.DataFrame:
+             n_test: int = 25, test: TestPass | None = None) -> pd.DataFrame:
     """The test prompts' queries in words (:func:`words_format`) under :data:`WORDS_CONDITIONS`: alone, with θ of
     the prompt (read in the protocol's format) replacing the state after ``layer``, and with the FV added after
     ``fv_layer``; scored by first token as the main experiment scores. One row per (query, condition); empty
-    for a task without a template."""
-    fmt, _ = protocol.usable(task, model.tokenizer)
+    for a task without a template. ``test``: the test prompts' :func:`test_pass`, if already computed."""
     words = words_format(task.name)
     if words is None:
         return pd.DataFrame(columns=["query", "condition", "correct"])
-    prompts = heads_test_prompts(task, protocol, model.tokenizer, n_test)
+    test = test or test_pass(model, task, protocol, n_test)
+    prompts, theta = test.prompts, test.theta
     texts = [words.query(p.query.input) for p in prompts]
-    theta = mechanism.task_vectors(model, [p.dummy_texts(fmt) for p in prompts], protocol.batch_size,
-                                   "heads extract (words)")
     fvs = torch.zeros(len(prompts), model.n_layers, model.d_model)
     fvs[:, fv_layer] = fv
     ids = {"words": mechanism.next_tokens(model, texts, protocol.batch_size, "heads words"),
@@ -437,7 +460,6 @@ def task_fv(model: TaskModel, task: Task, protocol: Protocol, layer: int, heads:
     every condition of :data:`CONDITIONS` on the test prompts with θ at ``layer``, the top
     ``sizes.n_ablate`` heads set to their shuffled-label means for the ablated Hypothesis (and as many other
     heads, drawn seeded from the rest, for its control), the cosine, and the test queries in words."""
-    fmt, _ = protocol.usable(task, model.tokenizer)
     try:
         prompts = heads_test_prompts(task, protocol, model.tokenizer, sizes.n_fv_test)
     except TooFewExamples as error:
@@ -452,10 +474,11 @@ def task_fv(model: TaskModel, task: Task, protocol: Protocol, layer: int, heads:
     others = [(l, h) for l, layer_means in enumerate(heads.corrupt_means) for h in range(layer_means.shape[0])
               if (l, h) not in top]
     other = random.Random(f"heads-control:{protocol.seed}:{task.name}").sample(others, min(len(top), len(others)))
+    test = test_pass(model, task, protocol, sizes.n_fv_test)  # θ of the test prompts, read once for all three
     side = side_by_side(model, task, protocol, layer, vectors[k], fv_layer, sizes.n_fv_test,
-                        _set_to(top, heads.corrupt_means), _set_to(other, heads.corrupt_means))
-    cosine = theta_fv_cosine(model, task, protocol, layer, vectors[k], sizes.n_fv_test)
-    words = in_words(model, task, protocol, layer, vectors[k], fv_layer, sizes.n_fv_test)
+                        _set_to(top, heads.corrupt_means), _set_to(other, heads.corrupt_means), test)
+    cosine = theta_fv_cosine(model, task, protocol, layer, vectors[k], test=test)
+    words = in_words(model, task, protocol, layer, vectors[k], fv_layer, test=test)
     return FvTaskResult(dev, side, k, fv_layer, cosine, words)
 
 
